@@ -1,0 +1,11 @@
+"""fgvc-harness: a Ray-distributed benchmark harness for fine-grained visual classification.
+
+Data flows one way: study file -> trials -> Ray Tune (``harness.orchestrate``, the only module that
+imports Ray) -> training engine with a method plugin -> results store -> reports.
+"""
+
+__version__ = "0.1.0"
+
+# Bumped whenever a change alters the numbers a trial produces (losses, data, schedules): it is part
+# of every trial's identity, so finished results computed by older math are rerun, not reused.
+MATH_VERSION = 1

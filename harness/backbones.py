@@ -1,0 +1,86 @@
+"""Backbones: timm models with multi-stage feature maps, and early exit.
+
+Every method depends on one contract: `StagedBackbone(images, upto=l)` returns the feature maps of
+stages 0..l (timm's `features_only=True` stages, e.g. for a ResNet: stem, layer1..layer4), and
+`channels` gives their channel counts. Methods address stages by index from the last.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class BackboneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("resnet18", description="any timm model that supports features_only")
+    pretrained: bool | str = Field(False, description="false: random init; true: timm hub weights; "
+                                                       "a path: weights from that local file")
+    out_indices: list[int] | None = Field(None, description="timm feature stages to expose (default: all)")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+
+
+class StagedBackbone(nn.Module):
+    """A timm `features_only` network that can stop after any stage (early exit).
+
+    Early exit runs the modules in order and returns as soon as the requested stage's output is
+    taken, so the stages after it cost nothing: forward output and gradients are identical to the
+    full pass for everything computed, but the later stages' BatchNorm running statistics are not
+    updated on that pass.
+    """
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        kwargs: dict = {"features_only": True}
+        if cfg.out_indices is not None:
+            kwargs["out_indices"] = tuple(cfg.out_indices)
+        if cfg.drop_path_rate:
+            kwargs["drop_path_rate"] = cfg.drop_path_rate
+        pretrained = cfg.pretrained
+        if isinstance(pretrained, str):
+            path = Path(pretrained).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"backbone.pretrained: no weights file at {path}; give a path to a "
+                                        f".pth/.safetensors state dict of timm '{cfg.name}', true for the hub, "
+                                        "or false for random init")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+            pretrained = True
+        if cfg.name not in timm.list_models():
+            import difflib
+            close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
+            raise ValueError(f"backbone.name: timm has no model '{cfg.name}'" +
+                             (f"; did you mean {', '.join(close)}?" if close else ""))
+        self.body = timm.create_model(cfg.name, pretrained=bool(pretrained), **kwargs)
+        self.channels: list[int] = list(self.body.feature_info.channels())
+        self.reductions: list[int] = list(self.body.feature_info.reduction())
+        # Iterable feature nets (FeatureListNet/FeatureDictNet) expose return_layers: module name -> stage.
+        self._return_layers: dict[str, str] | None = getattr(self.body, "return_layers", None)
+        self.supports_early_exit = self._return_layers is not None and isinstance(self.body, nn.ModuleDict)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.channels)
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Feature maps of stages 0..upto (all when None); stops computing after stage `upto`."""
+        last = self.num_stages - 1 if upto is None else upto % self.num_stages
+        if last == self.num_stages - 1 or not self.supports_early_exit:
+            return list(self.body(x))[:last + 1]
+        feats: list[torch.Tensor] = []
+        for name, module in self.body.items():
+            x = module(x)
+            if name in self._return_layers:
+                feats.append(x)
+                if len(feats) == last + 1:
+                    break
+        return feats
+
+
+def build_backbone(cfg: BackboneConfig) -> StagedBackbone:
+    return StagedBackbone(cfg)

@@ -1,0 +1,193 @@
+"""Orchestration with Ray Tune: the ONLY module that imports Ray.
+
+- Starts a local Ray in-process (the default) or joins a cluster (`address="auto"` or HOST:PORT).
+- Skips trials whose identity already has a finished result, and says so.
+- Decodes each dataset once in the driver and puts it in the object store once; every trial on a
+  node maps the same read-only memory (zero copy).
+- Runs one Tune trial per TrialSpec (a function trainable with `tune.report`), with the study's
+  CPU/GPU resources per trial (fractional GPUs allowed).
+- A trial that raises (or whose loss diverges) reports a `failed` record with its error and the
+  others go on; a trial whose worker dies is retried by Tune (`max_retries`), then recorded failed.
+- Finished trials are written by a driver-side callback the moment they end, so an interrupt
+  (Ctrl-C, a killed process) loses no finished trial; unfinished ones resume from their last
+  epoch checkpoint on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.data import load_imageset
+from harness.results import FAILED, FINISHED, ResultStore
+from harness.trials import ResolvedStudy, TrialSpec
+
+# Before Ray is imported: no usage stats, no per-trial CSV/TensorBoard loggers (the store keeps the
+# results), and Ctrl-C reaches us as KeyboardInterrupt instead of Tune's own graceful-stop handler.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+
+
+@dataclass
+class RunSummary:
+    skipped: int = 0
+    finished: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def dataset_key(config: dict) -> str:
+    return json.dumps({"dataset": config["dataset"], "size": config["train"]["resize"] or config["train"]["image_size"]},
+                      sort_keys=True)
+
+
+def _trainable(config: dict, datasets: dict) -> None:
+    """One Tune trial: the engine on the trial's config; every exception becomes a failed record."""
+    from harness.engine import run_trial
+
+    spec = config["trial"]
+    context = tune.get_context()
+    cpus = context.get_trial_resources().required_resources.get("CPU", 1)
+    try:
+        imageset = ray.get(datasets[dataset_key(spec["config"])])
+        final = run_trial(spec["config"], imageset, report=lambda m: tune.report({**m, "kind": "epoch"}),
+                          checkpoint_dir=spec["checkpoint_dir"], threads=max(1, int(cpus)))
+        history = final.pop("history")
+        tune.report({**final, "history": json.dumps(history), "kind": "final", "status": FINISHED})
+    except Exception as e:  # noqa: BLE001 - a trial failure is data, not a crash of the study
+        tune.report({"kind": "final", "status": FAILED, "error": f"{type(e).__name__}: {e}",
+                     "traceback": traceback.format_exc()[-4000:]})
+
+
+class _StoreCallback(tune.Callback):
+    """Driver side: writes each trial's record the moment it ends and rebuilds the tables."""
+
+    def __init__(self, store: ResultStore, specs: dict[str, TrialSpec], all_trials: list[TrialSpec],
+                 summary: RunSummary, total: int, log):
+        self.store, self.specs, self.all_trials, self.summary = store, specs, all_trials, summary
+        self.total, self.log = total, log
+
+    def _id(self, trial) -> str:
+        return trial.config["trial"]["trial_id"]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("kind") != "final":
+            return  # per-epoch results only feed Tune; the final one carries the whole history
+        trial_id = self._id(trial)
+        spec = self.specs[trial_id]
+        keep = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
+        curves = json.loads(keep.pop("history", "[]"))
+        self.store.write_record(spec, result["status"], keep, result.get("error", ""), curves)
+        self.store.write_tables(self.all_trials)
+        done = len(self.summary.finished) + len(self.summary.failed) + 1
+        if result["status"] == FINISHED:
+            self.summary.finished.append(trial_id)
+            self.log(f"[{done}/{self.total}] finished {spec.label}: test/acc={result.get('test/acc', float('nan')):.4f}"
+                     f" ({result.get('wall_time_s', 0):.0f} s, {result.get('train/images_per_s', 0):.0f} img/s)")
+        else:
+            self.summary.failed.append(trial_id)
+            self.log(f"[{done}/{self.total}] FAILED {spec.label}: {result.get('error')}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        """The worker died (not a Python exception: those are reported as failed results)."""
+        trial_id = self._id(trial)
+        error = "trial process died: " + (str(trial.error_file) if getattr(trial, "error_file", None) else "no error file")
+        self.store.write_record(self.specs[trial_id], FAILED, {}, error)
+        self.store.write_tables(self.all_trials)
+        self.summary.failed.append(trial_id)
+        self.log(f"FAILED {self.specs[trial_id].label}: {error}")
+
+
+_TUNE_KEYS = {"kind", "traceback", "timestamp", "checkpoint_dir_name", "should_checkpoint", "done",
+              "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s", "pid", "hostname",
+              "node_ip", "config", "time_since_restore", "iterations_since_restore", "experiment_tag"}
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=True, configure_logging=True)
+
+
+def check_resources(resolved: ResolvedStudy) -> str | None:
+    """A study that asks for more than the cluster has would wait forever: say so instead."""
+    need = resolved.study.resources
+    have = ray.cluster_resources()
+    if need.gpu > have.get("GPU", 0):
+        return (f"resources.gpu={need.gpu} but the Ray cluster has {have.get('GPU', 0)} GPUs; set resources.gpu: 0 "
+                "(e.g. --set resources.gpu=0) or join a GPU cluster with --address")
+    if need.cpu > have.get("CPU", 0):
+        return f"resources.cpu={need.cpu} but the Ray cluster has {have.get('CPU', 0)} CPUs; lower resources.cpu"
+    return None
+
+
+def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str | None = None,
+              max_retries: int = 1, num_cpus: int | None = None, log=print) -> RunSummary:
+    store = ResultStore(run_dir)
+    summary = RunSummary()
+    done = store.finished_ids([t.trial_id for t in resolved.trials])
+    todo = [t for t in resolved.trials if t.trial_id not in done]
+    summary.skipped = len(done)
+    if done:
+        log(f"skipping {len(done)} of {len(resolved.trials)} trials already finished "
+            f"(their identities have results in {store.trials_dir})")
+    if not todo:
+        store.write_tables(resolved.trials)
+        return summary
+
+    t0 = time.perf_counter()
+    start_ray(address, num_cpus)
+    problem = check_resources(resolved)
+    if problem:
+        raise ValueError(problem)
+    log(f"Ray {'joined at ' + address if address else 'started locally'} in {time.perf_counter() - t0:.1f} s; "
+        f"{len(todo)} trials to run, resources per trial: {resolved.study.resources.model_dump()}")
+
+    refs = {}
+    for spec in todo:  # decode each dataset once, share it through the object store
+        key = dataset_key(spec.config)
+        if key not in refs:
+            from harness.data import DATASETS
+            params = DATASETS.get(spec.config["dataset"]["name"]).Params.model_validate(spec.config["dataset"])
+            refs[key] = ray.put(load_imageset(params, spec.config["train"]["resize"] or spec.config["train"]["image_size"]))
+
+    payload = [{"trial_id": s.trial_id, "config": s.config, "checkpoint_dir": str(store.trial_dir(s.trial_id).resolve())}
+               for s in todo]
+    resources = resolved.study.resources
+    trainable = tune.with_resources(tune.with_parameters(_trainable, datasets=refs),
+                                    {"cpu": resources.cpu, "gpu": resources.gpu})
+    callback = _StoreCallback(store, {s.trial_id: s for s in todo}, resolved.trials, summary, len(todo), log)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(payload)},
+        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
+        run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str((Path(run_dir) / "ray").resolve()),
+                                  failure_config=tune.FailureConfig(max_failures=max_retries),
+                                  callbacks=[callback], verbose=0),
+    )
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    store.write_tables(resolved.trials)
+    return summary
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

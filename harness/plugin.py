@@ -1,0 +1,107 @@
+"""The method plugin API.
+
+A method is an `nn.Module` built on a StagedBackbone. It declares its parameter schema (`Params`,
+the ablation knobs with the paper's defaults), its parameter groups (e.g. the backbone at 0.1x
+learning rate), `training_step` (it owns its optimizer steps: PMG takes S+1 per batch, MKSMT one to
+three), and `predict` (a dict of named heads' logits, `primary_head` naming the one reported as
+`test/acc`). The engine owns everything common: epochs, learning-rate schedule, devices, mixed
+precision, evaluation, checkpoints and metrics. A method never touches Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from harness.backbones import StagedBackbone
+from harness.registry import Registry
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class TrialDiverged(FloatingPointError):
+    """A loss became NaN or infinite: the trial fails with this error instead of training on garbage."""
+
+
+class OptimizerSteps:
+    """What a method calls once per optimizer step: zero_grad -> backward -> (unscale, clip) -> step.
+
+    `set_to_none=False` reproduces PyTorch 1.x's zero_grad, which the authors' code ran on: once a
+    parameter has a gradient, later steps zero-fill it instead of dropping it, so SGD's momentum and
+    weight decay keep moving parameters that a step's loss does not reach.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None,
+                 set_to_none: bool = True, grad_clip: float | None = None):
+        self.optimizer, self.scaler = optimizer, scaler
+        self.set_to_none, self.grad_clip = set_to_none, grad_clip
+        self.count = 0  # optimizer steps taken so far (tests read it: PMG takes S+1 per batch)
+
+    def step(self, loss: torch.Tensor, name: str = "loss") -> float:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrialDiverged(f"{name} became {value} at optimizer step {self.count}: the trial diverged; "
+                                "lower train.lr, enable train.grad_clip, or disable train.amp")
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.grad_clip:
+                self._clip()
+            self.optimizer.step()
+        self.count += 1
+        return value
+
+    def _clip(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+
+
+class Method(nn.Module):
+    Params: ClassVar[type[MethodParams]]
+    registry_name: ClassVar[str]
+    primary_head: ClassVar[str]
+    # The head names `predict` returns, for result columns before any trial has run.
+    heads: tuple[str, ...] = ()
+    # False reproduces PyTorch 1.x zero_grad (see OptimizerSteps) for methods whose authors relied on it.
+    zero_grad_set_to_none: bool = True
+
+    def __init__(self, backbone: StagedBackbone, num_classes: int, params: MethodParams):
+        super().__init__()
+        self.backbone, self.num_classes, self.params = backbone, num_classes, params
+
+    @classmethod
+    def validate_with(cls, params: MethodParams, num_stages: int) -> None:
+        """Checks that need the backbone (e.g. S <= number of stages); raise ValueError naming the fix."""
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups: dicts with "params", "name" and "lr_scale" (x the study's train.lr)."""
+        return [{"name": "all", "params": list(self.parameters()), "lr_scale": 1.0}]
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps,
+                      generator: torch.Generator | None = None) -> dict[str, float]:
+        """Train on one batch, calling `steps.step(loss)` once per optimizer step; return losses to log."""
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every named head, (B, C) each; must include `primary_head`."""
+        raise NotImplementedError
+
+
+METHODS: Registry[Method] = Registry("method", Method, "methods", "fgvc_harness.methods")
+register_method = METHODS.register

@@ -1,0 +1,69 @@
+"""One flat, typed registry per kind of plugin (methods, datasets).
+
+A decorator registers a class by name: it checks the base class and refuses duplicates; an unknown
+name gets "did you mean ...?". Built-in plugins are discovered by importing every module of their
+package (one file per plugin); third-party ones come in through a Python entry point group, never
+through import paths written in YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(choices))}"
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, base: type, builtin_package: str, entry_point_group: str):
+        self.kind, self.base = kind, base
+        self.builtin_package, self.entry_point_group = builtin_package, entry_point_group
+        self._items: dict[str, type[T]] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def decorator(cls: type[T]) -> type[T]:
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise TypeError(f"{self.kind} '{name}': {cls!r} must subclass {self.base.__name__}")
+            if name in self._items and self._items[name] is not cls:
+                raise RegistryError(f"duplicate {self.kind} name '{name}': already registered by "
+                                    f"{self._items[name].__module__}.{self._items[name].__qualname__}")
+            cls.registry_name = name
+            self._items[name] = cls
+            return cls
+        return decorator
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        package = importlib.import_module(self.builtin_package)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{self.builtin_package}.{info.name}")
+        for ep in entry_points(group=self.entry_point_group):
+            ep.load()  # importing the module runs its @register decorator
+
+    def get(self, name: str) -> type[T]:
+        self._load()
+        if name not in self._items:
+            raise RegistryError(f"unknown {self.kind} '{name}': {did_you_mean(name, list(self._items))}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)

@@ -1,0 +1,179 @@
+"""Tables in the paper's layout and seaborn plots, rebuilt from a run's stored results.
+
+    python -m harness.report runs/<study>/<profile> [--out reports/<study>/<profile>]
+
+Reads results.parquet, curves.parquet and study.yaml of the run; writes table.md, table.csv,
+table.tex (rows and columns from the study's `table:`, mean +- std over seeds in %, failed cells
+marked), and PNG plots: the metric against each grid axis, and learning curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from harness.results import FAILED, FINISHED, atomic_write_bytes
+
+MISSING = "-"
+
+
+def _cell(values: pd.Series, statuses: pd.Series) -> str:
+    ok = values[statuses == FINISHED].dropna()
+    if ok.empty:
+        return "failed" if (statuses == FAILED).any() else MISSING
+    text = f"{100 * ok.mean():.1f}"
+    if len(ok) > 1:
+        text += f" ± {100 * ok.std(ddof=1):.1f}"
+    n_failed = int((statuses == FAILED).sum())
+    return text + (f" ({n_failed} failed)" if n_failed else "")
+
+
+def _label(axis: str, value) -> str:
+    return f"{axis.split('.')[-1]}={value}"
+
+
+def paper_table(results: pd.DataFrame, rows: str, columns: str | None, metric: str) -> pd.DataFrame:
+    """rows x columns of `metric` (in %), mean ± std over seeds; 'failed' where every seed failed."""
+    if metric not in results.columns:
+        results = results.assign(**{metric: float("nan")})
+    keys = [rows] + ([columns] if columns else [])
+    cells = {}
+    for key, group in results.groupby(keys, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        cells[key] = _cell(group[metric], group["status"])
+    row_values = sorted(results[rows].unique(), key=_sort_key)
+    col_values = sorted(results[columns].unique(), key=_sort_key) if columns else [None]
+    table = pd.DataFrame(
+        [[cells.get((r, c) if columns else (r,), MISSING) for c in col_values] for r in row_values],
+        index=pd.Index([str(r) for r in row_values], name=rows.split(".")[-1]),
+        columns=[_label(columns, c) for c in col_values] if columns else [metric])
+    return table
+
+
+def _sort_key(value):
+    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+
+
+def head_table(results: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Every head's accuracy per grid point (mean over finished seeds), in %."""
+    heads = [c for c in results.columns if c.startswith("test/acc/")]
+    finished = results[results["status"] == FINISHED]
+    if finished.empty or not heads:
+        return pd.DataFrame()
+    table = finished.groupby(axes, dropna=False)[heads].mean() * 100 if axes else finished[heads].mean().to_frame().T * 100
+    return table.rename(columns=lambda c: c.removeprefix("test/acc/")).round(1)
+
+
+def write_tables(table: pd.DataFrame, heads: pd.DataFrame, out: Path, title: str, metric: str) -> None:
+    md = f"# {title}\n\n{metric} (top-1 %, mean ± std over seeds)\n\n{table.to_markdown()}\n"
+    if not heads.empty:
+        md += f"\n## Accuracy of every head (%)\n\n{heads.to_markdown()}\n"
+    atomic_write_bytes(out / "table.md", md.encode())
+    atomic_write_bytes(out / "table.csv", table.to_csv().encode())
+    tex = table.to_latex(escape=True, caption=f"{title}: {metric} (top-1 \\%)")
+    atomic_write_bytes(out / "table.tex", tex.encode())
+
+
+def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], rows: str | None, columns: str | None,
+                metric: str, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid")
+    written = []
+    finished = results[results["status"] == FINISHED].copy()
+    if metric in finished.columns:
+        finished[metric] = finished[metric] * 100
+    for axis in axes:
+        if finished.empty or metric not in finished.columns:
+            break
+        hue = next((a for a in (columns, rows) if a and a != axis), None)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        data = finished.assign(**{hue: finished[hue].astype(str)}) if hue else finished
+        sns.pointplot(data=data, x=axis, y=metric, hue=hue, errorbar="sd", dodge=0.2, ax=ax)
+        ax.set(ylabel=f"{metric} (%)", title=f"{metric} against {axis}")
+        written.append(_save(fig, out / f"{metric.replace('/', '_')}_vs_{axis.replace('.', '_')}.png"))
+    if not curves.empty:
+        panels = [m for m in ("test/acc", "train/loss") if m in set(curves["metric"])]
+        fig, axs = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, m in zip(axs[0], panels):
+            data = curves[curves["metric"] == m]
+            data = data.assign(value=data["value"] * (100 if m.startswith("test/acc") else 1))
+            hue = rows if rows in data.columns else None
+            style = columns if columns in data.columns else None
+            if hue:
+                data = data.assign(**{hue: data[hue].astype(str)})
+            if style:
+                data = data.assign(**{style: data[style].astype(str)})
+            sns.lineplot(data=data, x="epoch", y="value", hue=hue, style=style, errorbar="sd", ax=ax)
+            ax.set(ylabel=m + (" (%)" if m.startswith("test/acc") else ""), title=f"learning curves: {m}")
+        written.append(_save(fig, out / "learning_curves.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import io
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    study_file = run_dir / "study.yaml"
+    results_file = run_dir / "results.parquet"
+    if not results_file.exists() or not study_file.exists():
+        raise FileNotFoundError(f"{run_dir}: no results.parquet/study.yaml here; run the study first "
+                                "(python -m harness.run studies/<study>.yaml)")
+    study = yaml.safe_load(study_file.read_text())
+    out = Path(out_dir) if out_dir else Path("reports") / study["name"] / study["profile"]
+    results = pd.read_parquet(results_file)
+    curves_file = run_dir / "curves.parquet"
+    curves = pd.read_parquet(curves_file) if curves_file.exists() else pd.DataFrame()
+    axes = list(study.get("grid") or {})
+    table_spec = study.get("table") or {}
+    rows = table_spec.get("rows") or (axes[0] if axes else "seed")
+    columns = table_spec.get("columns") or (axes[1] if len(axes) > 1 and rows != axes[1] else None)
+    metric = table_spec.get("metric", "test/acc")
+    out.mkdir(parents=True, exist_ok=True)
+    if results.empty:
+        atomic_write_bytes(out / "table.md", f"# {study['name']}\n\nno results yet\n".encode())
+        return out
+    table = paper_table(results, rows, columns, metric)
+    title = f"{study['name']} ({study['profile']} profile)"
+    write_tables(table, head_table(results, axes), out, title, metric)
+    write_plots(results, curves, axes, rows, columns, metric, out)
+    summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
+               "failed": int((results["status"] == FAILED).sum())}
+    atomic_write_bytes(out / "summary.json", json.dumps(summary).encode())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="runs/<study>/<profile>")
+    parser.add_argument("--out", help="output folder (default reports/<study>/<profile>)")
+    args = parser.parse_args(argv)
+    try:
+        out = build_reports(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"reports written to {out}/")
+    print((out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

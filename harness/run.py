@@ -1,0 +1,93 @@
+"""Run a study: python -m harness.run studies/<study>.yaml [--profile NAME] [--set key=value ...]
+
+Exit codes: 0 all trials finished; 2 invalid study or arguments (nothing started); 3 finished with
+failed trials; 130 interrupted (run the same command again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("study", help="a study file, e.g. studies/pmg_ablation.yaml")
+    p.add_argument("--profile", default=None, help="a profile of the study file (default: the base settings)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key, e.g. --set train.epochs=2 --set grid.method.stages=[1,2]")
+    p.add_argument("--dry-run", action="store_true", help="validate, print the trials, start nothing")
+    p.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT (default: local Ray)")
+    p.add_argument("--runs-dir", default="runs", help="results root (default runs/)")
+    p.add_argument("--reports-dir", default="reports", help="reports root (default reports/)")
+    p.add_argument("--max-retries", type=int, default=1, help="Tune retries of a trial whose worker died")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    return p.parse_args(argv)
+
+
+def print_trials(resolved) -> None:
+    print(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials")
+    for spec in resolved.trials:
+        print(f"  {spec.trial_id}  {spec.config['method']['name']:<10} {spec.label}")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    from harness.study import StudyError, load_study
+
+    args = parse_args(argv)
+    try:
+        resolved = load_study(args.study, args.profile, args.overrides)
+    except StudyError as e:
+        print(f"invalid study:\n{e}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.dry_run:
+        print_trials(resolved)
+        return EXIT_OK
+
+    from harness import orchestrate
+    from harness.report import build_reports
+
+    run_dir = Path(args.runs_dir) / resolved.name / resolved.profile
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from harness.results import atomic_write_bytes
+    study_dump = resolved.study.model_dump(mode="json", exclude={"profiles"})
+    atomic_write_bytes(run_dir / "study.yaml", yaml.safe_dump(study_dump, sort_keys=False).encode())
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    t0 = time.perf_counter()
+    print(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials -> {run_dir}/")
+    try:
+        summary = orchestrate.run_study(resolved, run_dir, address=args.address, max_retries=args.max_retries,
+                                        num_cpus=args.num_cpus)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ValueError as e:  # resources the cluster cannot give
+        print(f"cannot run: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    finally:
+        orchestrate.shutdown()
+    out = build_reports(run_dir, Path(args.reports_dir) / resolved.name / resolved.profile)
+    elapsed = time.perf_counter() - t0
+    print(f"{len(summary.finished)} trials trained, {summary.skipped} skipped (already finished), "
+          f"{len(summary.failed)} failed, in {elapsed:.0f} s")
+    print(f"results: {run_dir}/results.parquet   reports: {out}/")
+    print((out / "table.md").read_text())
+    if summary.interrupted:
+        print("interrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Study files: load, merge a profile and --set overrides, validate strictly, expand into trials.
+
+Nothing is started before the whole study validates: every trial's method, dataset, backbone and
+train sections are checked here. Any invalid input raises StudyError (a ValueError) whose message
+names the file, the key (with its line where the file has it), what is allowed, and the closest
+valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from harness.backbones import BackboneConfig
+from harness.registry import RegistryError
+
+SECTIONS_IN_GRID = ("method", "dataset", "backbone", "train")
+
+
+class StudyError(ValueError):
+    """An invalid study file, profile or override. Nothing has been started."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1, description="default: 2 x batch_size")
+    image_size: int = Field(64, ge=8, description="crop size fed to the network")
+    resize: int | None = Field(None, ge=8, description="stored (decoded) size; crops are taken from it")
+    crop_padding: int = Field(0, ge=0, description="zero padding before the random crop")
+    hflip: bool = True
+    lr: float = Field(0.002, gt=0.0, description="base learning rate (x each parameter group's lr_scale)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    nesterov: bool = False
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine: lr/2*(cos(pi*epoch/epochs)+1)")
+    grad_clip: float | None = Field(None, gt=0.0)
+    amp: bool = Field(False, description="bf16 autocast (CUDA, or CPUs with bf16 units)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_train_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (smoke runs)")
+    eval_every: int = Field(1, ge=1)
+
+    @property
+    def stored_size(self) -> int:
+        return self.resize or self.image_size
+
+
+class Resources(Strict):
+    cpu: float = Field(1.0, gt=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class TableSpec(Strict):
+    rows: str = Field(..., description="a grid axis (dotted path) for the table's rows")
+    columns: str | None = Field(None, description="a grid axis for the columns")
+    metric: str = Field("test/acc", description="a metric column of results.parquet")
+
+
+class MethodSection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class Study(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    method: MethodSection
+    dataset: MethodSection = Field(default_factory=lambda: MethodSection(name="synthfg"))
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    resources: Resources = Field(default_factory=Resources)
+    table: TableSpec | None = None
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    # Set by load_study, not by the file.
+    path: str = ""
+    profile: str = "default"
+
+
+# ----------------------------------------------------------------------------- YAML with line numbers
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """Dotted key path (as a tuple) -> 1-based line, from the YAML node tree."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                p = path + (key.value,)
+                lines[p] = key.start_mark.line + 1
+                walk(value, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                lines[path + (i,)] = value.start_mark.line + 1
+                walk(value, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "grid":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _interpolate(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in os.environ:
+                raise StudyError(f"{where}: environment variable {m.group(1)} is not set; export it "
+                                 f"(e.g. export {m.group(1)}=/data/...) or override with --set {where}=VALUE")
+            return os.environ[m.group(1)]
+        return _ENV.sub(sub, value)
+    return value
+
+
+def set_dotted(config: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict. `grid.<axis>` keeps the dotted axis name as one key."""
+    if dotted.startswith("grid."):
+        config.setdefault("grid", {})[dotted[len("grid."):]] = value
+        return
+    keys = dotted.split(".")
+    node = config
+    for key in keys[:-1]:
+        if not isinstance(node.get(key, {}), dict):
+            raise StudyError(f"--set {dotted}: '{key}' is not a section")
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def get_dotted(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise StudyError(f"--set {text!r}: expected dotted.key=value, e.g. --set train.epochs=2")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise StudyError(f"--set {text!r}: the value is not valid YAML: {e}") from None
+
+
+# ----------------------------------------------------------------------------- error messages
+
+def _allowed(model: type[BaseModel], field: str) -> str:
+    info = model.model_fields.get(field)
+    if info is None:
+        return ""
+    bounds = []
+    for meta in info.metadata:
+        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(meta, attr, None) is not None:
+                bounds.append(f"{sym} {getattr(meta, attr)}")
+    parts = []
+    if bounds:
+        parts.append(f"allowed: {field} " + " and ".join(bounds))
+    annotation = str(info.annotation).replace("typing.", "")
+    if "Literal" in annotation:
+        parts.append(f"allowed: {annotation}")
+    if info.description:
+        parts.append(info.description)
+    return "; ".join(parts)
+
+
+def _format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple, where: "Where") -> str:
+    messages = []
+    for e in err.errors():
+        loc = prefix + tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        at = where.at(loc)
+        if e["type"] == "extra_forbidden":
+            # Walk the model to the section the unknown key sits in, to list its valid keys.
+            section: Any = model
+            for part in e["loc"][:-1]:
+                f = getattr(section, "model_fields", {}).get(part)
+                section = f.annotation if f is not None else None
+            valid = sorted(getattr(section, "model_fields", {}) or [])
+            valid = [k for k in valid if k not in ("path", "profile")]
+            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            messages.append(f"{at}unknown key '{dotted}': {hint}(valid keys: {', '.join(valid)})")
+        else:
+            field_model: Any = model
+            for part in e["loc"][:-1]:
+                f = getattr(field_model, "model_fields", {}).get(part)
+                field_model = f.annotation if f is not None else None
+            allowed = _allowed(field_model, str(e["loc"][-1])) if isinstance(field_model, type) and \
+                issubclass(field_model, BaseModel) else ""
+            got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
+            messages.append(f"{at}{dotted}: {e['msg']}{got}" + (f"; {allowed}" if allowed else ""))
+    return "\n".join(messages)
+
+
+class Where:
+    """Finds the file line of a key path, looking in the selected profile first."""
+
+    def __init__(self, path: str, lines: dict[tuple, int], profile: str | None):
+        self.path, self.lines, self.profile = path, lines, profile
+
+    def at(self, loc: tuple) -> str:
+        loc = tuple(loc)
+        for candidate in ((("profiles", self.profile) + loc) if self.profile else None, loc):
+            while candidate:
+                if candidate in self.lines:
+                    return f"{self.path}:{self.lines[candidate]}: "
+                candidate = candidate[:-1]
+        return f"{self.path}: "
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_study(path: str | os.PathLike, profile: str | None = None, overrides: tuple[str, ...] | list[str] = ()):
+    """Load and fully validate a study. Returns a ResolvedStudy with its trials; raises StudyError."""
+    from harness.trials import resolve  # trials depend on the study schema, not the other way round
+
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path} (studies live in studies/, e.g. studies/pmg_ablation.yaml)")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_map(text)
+    except yaml.YAMLError as e:
+        raise StudyError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: a study file must be a mapping with at least 'name' and 'method'")
+
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise StudyError(f"{path}: 'profiles' must map profile names to overrides")
+    selected = profile or "default"
+    if profile not in (None, "default") and profile not in profiles:
+        close = difflib.get_close_matches(profile, list(profiles), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise StudyError(f"{path}: no profile '{profile}': {hint}(profiles: default, {', '.join(profiles) or 'none'})")
+    merged = {k: v for k, v in raw.items() if k != "profiles"}
+    if selected in profiles:
+        if not isinstance(profiles[selected], dict):
+            raise StudyError(f"{path}: profile '{selected}' must be a mapping of overrides")
+        merged = _deep_merge(merged, profiles[selected])
+    for text_override in overrides:
+        key, value = parse_override(text_override)
+        set_dotted(merged, key, value)
+    merged = _interpolate(merged, "")
+    where = Where(str(path), lines, selected if selected in profiles else None)
+    try:
+        study = Study.model_validate({**merged, "profiles": profiles})
+    except ValidationError as e:
+        raise StudyError(_format_errors(e, Study, (), where)) from None
+    study.path, study.profile = str(path), selected
+    try:
+        return resolve(study, where)
+    except RegistryError as e:
+        raise StudyError(f"{path}: {e}") from None

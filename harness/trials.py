@@ -1,0 +1,156 @@
+"""Expansion of a validated study into trials (grid x seeds), each with a stable identity.
+
+A trial's identity is a hash of its fully resolved config (method and its parameters with defaults
+filled in, dataset, backbone, train, seed) and the harness's MATH_VERSION. Re-running a study skips
+identities that already have a finished result; changing one knob reruns only the trials it touches.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from harness import MATH_VERSION
+from harness.backbones import BackboneConfig
+from harness.data import DATASETS
+from harness.plugin import METHODS
+from harness.study import SECTIONS_IN_GRID, Study, StudyError, TrainConfig, Where, _format_errors, set_dotted
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    trial_id: str
+    study: str
+    profile: str
+    config: dict  # {"method", "dataset", "backbone", "train", "seed"}: plain JSON data
+    axes: dict[str, Any] = field(default_factory=dict)  # grid axis (dotted) -> value
+    resources: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.axes.items()] + [f"seed={self.config['seed']}"]
+        return ",".join(parts)
+
+
+@dataclass
+class ResolvedStudy:
+    study: Study
+    trials: list[TrialSpec]
+
+    @property
+    def axes(self) -> list[str]:
+        return list(self.study.grid)
+
+    @property
+    def name(self) -> str:
+        return self.study.name
+
+    @property
+    def profile(self) -> str:
+        return self.study.profile
+
+
+def trial_identity(config: dict) -> str:
+    blob = json.dumps({**config, "math_version": MATH_VERSION}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=32)
+def backbone_num_stages(backbone_json: str) -> int:
+    """Stage count of a backbone, built on the meta device (no memory, no weights)."""
+    import timm
+    import torch
+
+    cfg = BackboneConfig.model_validate_json(backbone_json)
+    kwargs = {"features_only": True}
+    if cfg.out_indices is not None:
+        kwargs["out_indices"] = tuple(cfg.out_indices)
+    with torch.device("meta"):
+        return len(timm.create_model(cfg.name, pretrained=False, **kwargs).feature_info.channels())
+
+
+def _section_models(config: dict) -> dict[str, type[BaseModel]]:
+    return {"method": METHODS.get(config["method"]["name"]).Params,
+            "dataset": DATASETS.get(config["dataset"]["name"]).Params,
+            "backbone": BackboneConfig, "train": TrainConfig}
+
+
+def _check_axis(axis: str, values: Any, models: dict[str, type[BaseModel]], where: Where) -> None:
+    at = where.at(("grid", axis))
+    section, _, key = axis.partition(".")
+    if section not in SECTIONS_IN_GRID or not key:
+        raise StudyError(f"{at}grid axis '{axis}': must be a dotted path into one of {', '.join(SECTIONS_IN_GRID)}, "
+                         "e.g. method.stages")
+    fields = [f for f in models[section].model_fields if f != "name" or section != "method"]
+    if key not in models[section].model_fields:
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+        hint = f"did you mean '{section}.{close[0]}'? " if close else ""
+        raise StudyError(f"{at}grid axis '{axis}': {section} has no key '{key}': {hint}"
+                         f"(valid keys: {', '.join(sorted(fields))})")
+    if not isinstance(values, list) or not values:
+        raise StudyError(f"{at}grid axis '{axis}': give a non-empty list of values, e.g. [1, 2, 3]")
+    dumped = [json.dumps(v, sort_keys=True, default=str) for v in values]
+    if len(set(dumped)) != len(dumped):
+        raise StudyError(f"{at}grid axis '{axis}': repeated values {values}; list each value once")
+
+
+def _validate_sections(config: dict, where: Where, context: str) -> dict:
+    out = {}
+    models = _section_models(config)
+    for section, model in models.items():
+        try:
+            out[section] = model.model_validate(config[section]).model_dump(mode="json")
+        except ValidationError as e:
+            raise StudyError(_format_errors(e, model, (section,), where) + context) from None
+    method_cls = METHODS.get(out["method"]["name"])
+    try:
+        method_cls.validate_with(method_cls.Params.model_validate(out["method"]),
+                                 backbone_num_stages(json.dumps(out["backbone"], sort_keys=True)))
+    except ValueError as e:
+        raise StudyError(f"{where.at(('method',))}{e}{context}") from None
+    return out
+
+
+def resolve(study: Study, where: Where) -> ResolvedStudy:
+    base = {
+        "method": study.method.model_dump(),
+        "dataset": study.dataset.model_dump(),
+        "backbone": study.backbone.model_dump(mode="json"),
+        "train": study.train.model_dump(mode="json"),
+    }
+    _validate_sections(base, where, "")
+    models = _section_models(base)
+    for axis, values in study.grid.items():
+        _check_axis(axis, values, models, where)
+    if study.table is not None:
+        for role in ("rows", "columns"):
+            axis = getattr(study.table, role)
+            if axis is not None and axis not in study.grid and axis != "seed":
+                raise StudyError(f"{where.at(('table', role))}table.{role} '{axis}' is not a grid axis "
+                                 f"(grid axes: {', '.join(study.grid) or 'none'})")
+
+    trials, seen = [], set()
+    axes = list(study.grid)
+    for combo in itertools.product(*(study.grid[a] for a in axes)):
+        config = copy.deepcopy(base)
+        for axis, value in zip(axes, combo):
+            set_dotted(config, axis, value)
+        context = f"\n  (in the trial with {', '.join(f'{a}={v!r}' for a, v in zip(axes, combo))})" if axes else ""
+        resolved = _validate_sections(config, where, context)
+        for seed in study.seeds:
+            full = {**resolved, "seed": seed}
+            trial_id = trial_identity(full)
+            if trial_id in seen:
+                continue
+            seen.add(trial_id)
+            trials.append(TrialSpec(trial_id=trial_id, study=study.name, profile=study.profile, config=full,
+                                    axes=dict(zip(axes, combo)), resources=study.resources.model_dump()))
+    return ResolvedStudy(study=study, trials=trials)
