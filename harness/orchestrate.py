@@ -34,8 +34,13 @@ os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
 
+import logging  # noqa: E402
+
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
+
+# Tune's ResultGrid looks for the per-trial CSV/JSON loggers we turned off; the store has the results.
+logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -76,6 +81,12 @@ class _StoreCallback(tune.Callback):
                  summary: RunSummary, total: int, log):
         self.store, self.specs, self.all_trials, self.summary = store, specs, all_trials, summary
         self.total, self.log = total, log
+
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with its experiment state; a logger need not travel
+        return {k: v for k, v in self.__dict__.items() if k != "log"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, log=print)
 
     def _id(self, trial) -> str:
         return trial.config["trial"]["trial_id"]
