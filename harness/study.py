@@ -226,11 +226,20 @@ def _format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple, 
 class Where:
     """Finds the file line of a key path, looking in the selected profile first."""
 
-    def __init__(self, path: str, lines: dict[tuple, int], profile: str | None):
-        self.path, self.lines, self.profile = path, lines, profile
+    def __init__(self, path: str, lines: dict[tuple, int], profile: str | None, grid: bool = False):
+        self.path, self.lines, self.profile, self.grid = path, lines, profile, grid
+
+    def in_grid(self) -> "Where":
+        """The same, but a key that is a grid axis points at its line under `grid:`."""
+        return Where(self.path, self.lines, self.profile, grid=True)
 
     def at(self, loc: tuple) -> str:
         loc = tuple(loc)
+        axis = ".".join(str(p) for p in loc)
+        if self.grid:
+            for grid_key in ((("profiles", self.profile, "grid", axis)) if self.profile else None, ("grid", axis)):
+                if grid_key in self.lines:
+                    return f"{self.path}:{self.lines[grid_key]}: "
         for candidate in ((("profiles", self.profile) + loc) if self.profile else None, loc):
             while candidate:
                 if candidate in self.lines:

@@ -144,7 +144,7 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
         for axis, value in zip(axes, combo):
             set_dotted(config, axis, value)
         context = f"\n  (in the trial with {', '.join(f'{a}={v!r}' for a, v in zip(axes, combo))})" if axes else ""
-        resolved = _validate_sections(config, where, context)
+        resolved = _validate_sections(config, where.in_grid(), context)
         for seed in study.seeds:
             full = {**resolved, "seed": seed}
             trial_id = trial_identity(full)

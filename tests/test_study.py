@@ -1,0 +1,150 @@
+"""The study loader: strict validation with errors that name the key, the line and the fix."""
+
+import pytest
+
+from harness.run import main
+from harness.study import StudyError, load_study
+from harness.trials import trial_identity
+
+
+def write(tmp_path, text, name="s.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = "name: s\nmethod: {name: pmg}\ndataset: {name: synthfg}\n"
+
+
+def test_tiny_study_expands_grid_times_seeds(tiny_study):
+    study = load_study(tiny_study)
+    assert len(study.trials) == 4
+    assert {tuple(t.axes.values()) for t in study.trials} == {(1, True), (1, False), (2, True), (2, False)}
+    assert len({t.trial_id for t in study.trials}) == 4
+    # Parameters are resolved with the method's defaults filled in.
+    assert study.trials[0].config["method"]["beta"] == 2.0
+
+
+def test_seeds_multiply_trials(tiny_study):
+    study = load_study(tiny_study, overrides=["seeds=[0, 1, 2]"])
+    assert len(study.trials) == 12
+
+
+def test_unknown_top_level_key_names_key_line_and_closest(tmp_path):
+    path = write(tmp_path, BASE + "trian: {epochs: 2}\n")
+    with pytest.raises(StudyError) as e:
+        load_study(path)
+    msg = str(e.value)
+    assert "unknown key 'trian'" in msg and "did you mean 'train'" in msg and f"{path}:4" in msg
+
+
+def test_unknown_method_parameter_suggests_closest(tmp_path):
+    path = write(tmp_path, "name: s\nmethod:\n  name: pmg\n  stagse: 3\n")
+    with pytest.raises(StudyError) as e:
+        load_study(path)
+    assert "unknown key 'method.stagse'" in str(e.value) and "did you mean 'stages'" in str(e.value)
+    assert f"{path}:4" in str(e.value)
+
+
+def test_out_of_range_method_parameter_names_allowed_range(tmp_path):
+    path = write(tmp_path, "name: s\nmethod: {name: pmg, stages: 7}\n")
+    with pytest.raises(StudyError, match=r"method\.stages.*less than or equal to 5.*allowed: stages >= 1 and <= 5"):
+        load_study(path)
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    path = write(tmp_path, BASE + "train: {epochs: many}\n")
+    with pytest.raises(StudyError, match=r"train\.epochs: Input should be a valid integer.*'many'"):
+        load_study(path)
+
+
+def test_unknown_method_gets_did_you_mean(tmp_path):
+    with pytest.raises(StudyError, match="unknown method 'pgm': did you mean 'pmg'"):
+        load_study(write(tmp_path, "name: s\nmethod: {name: pgm}\n"))
+
+
+def test_unknown_dataset_gets_did_you_mean(tmp_path):
+    with pytest.raises(StudyError, match="unknown dataset 'synthgf': did you mean 'synthfg'"):
+        load_study(write(tmp_path, "name: s\nmethod: {name: pmg}\ndataset: {name: synthgf}\n"))
+
+
+def test_stages_beyond_backbone_is_an_error(tmp_path):
+    # vgg-free check: resnet18 has 5 stages, so out_indices limiting it to 3 makes stages=4 invalid.
+    path = write(tmp_path, "name: s\nmethod: {name: pmg, stages: 4}\nbackbone: {name: resnet18, out_indices: [2, 3, 4]}\n")
+    with pytest.raises(StudyError, match="backbone has 3 stages"):
+        load_study(path)
+
+
+def test_grid_axis_typo_and_invalid_values(tmp_path):
+    with pytest.raises(StudyError, match=r"grid axis 'method.stagez'.*did you mean 'method.stages'"):
+        load_study(write(tmp_path, BASE + "grid: {method.stagez: [1, 2]}\n"))
+    with pytest.raises(StudyError, match=r"(?s)s.yaml:4: method\.stages.*in the trial with method.stages=9"):
+        load_study(write(tmp_path, BASE + "grid: {method.stages: [1, 9]}\n"))
+    with pytest.raises(StudyError, match="repeated values"):
+        load_study(write(tmp_path, BASE + "grid: {method.stages: [1, 1]}\n"))
+
+
+def test_table_axis_must_be_a_grid_axis(tmp_path):
+    with pytest.raises(StudyError, match="table.rows 'method.jigsaw' is not a grid axis"):
+        load_study(write(tmp_path, BASE + "grid: {method.stages: [1, 2]}\ntable: {rows: method.jigsaw}\n"))
+
+
+def test_profile_and_overrides(tiny_study):
+    fast = load_study(tiny_study, profile="fast")
+    assert all(t.config["train"]["epochs"] == 1 for t in fast.trials)
+    assert fast.profile == "fast"
+    over = load_study(tiny_study, overrides=["train.epochs=3", "grid.method.stages=[2]"])
+    assert {t.config["train"]["epochs"] for t in over.trials} == {3}
+    assert len(over.trials) == 2
+    with pytest.raises(StudyError, match="no profile 'fsat': did you mean 'fast'"):
+        load_study(tiny_study, profile="fsat")
+    with pytest.raises(StudyError, match="expected dotted.key=value"):
+        load_study(tiny_study, overrides=["train.epochs"])
+
+
+def test_environment_variables_in_profiles(tmp_path, monkeypatch):
+    text = BASE + "profiles:\n  real:\n    dataset: {name: synthfg, seed: '${SYNTH_SEED}'}\n"
+    path = write(tmp_path, text)
+    monkeypatch.delenv("SYNTH_SEED", raising=False)
+    load_study(path)  # the default profile does not need the variable
+    with pytest.raises(StudyError, match="environment variable SYNTH_SEED is not set"):
+        load_study(path, profile="real")
+    monkeypatch.setenv("SYNTH_SEED", "7")
+    assert load_study(path, profile="real").trials[0].config["dataset"]["seed"] == 7
+
+
+def test_identity_is_stable_and_tracks_every_knob(tiny_study):
+    a = load_study(tiny_study).trials
+    b = load_study(tiny_study).trials
+    assert [t.trial_id for t in a] == [t.trial_id for t in b]
+    c = load_study(tiny_study, overrides=["train.lr=0.01"]).trials
+    assert not {t.trial_id for t in a} & {t.trial_id for t in c}
+    # Writing a default explicitly does not change the identity.
+    d = load_study(tiny_study, overrides=["method.beta=2.0"]).trials
+    assert [t.trial_id for t in a] == [t.trial_id for t in d]
+    assert trial_identity({"x": 1}) != trial_identity({"x": 2})
+
+
+def test_malformed_files(tmp_path):
+    with pytest.raises(StudyError, match="not valid YAML"):
+        load_study(write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(StudyError, match="must be a mapping"):
+        load_study(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(StudyError, match="study file not found"):
+        load_study(tmp_path / "missing.yaml")
+
+
+def test_cli_dry_run_and_invalid_exit_codes(tiny_study, tmp_path, capsys):
+    assert main([str(tiny_study), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 trials" in out and "method.stages=1,method.jigsaw=True,seed=0" in out
+    bad = write(tmp_path, "name: s\nmethod: {name: pmg, stages: 0}\n", "bad.yaml")
+    assert main([str(bad), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "allowed: stages >= 1 and <= 5" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_shipped_studies_validate():
+    study = load_study("studies/pmg_ablation.yaml")
+    assert len(study.trials) == 10
+    assert {t.axes["method.stages"] for t in study.trials} == {1, 2, 3, 4, 5}
