@@ -126,6 +126,11 @@ def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         train_time, images_seen, steps.count = state["train_time"], state["images_seen"], state["steps"]
+        # With PyTorch 1.x zero_grad semantics a parameter that once had a gradient keeps a zero-filled
+        # one, and SGD keeps applying momentum to it: restore that, or the resumed run would differ.
+        for i, p in enumerate(method.parameters()):
+            if i in state["params_with_grad"]:
+                p.grad = torch.zeros_like(p)
 
     n_params = sum(p.numel() for p in method.parameters())
     metrics: dict = history[-1] if history else {}
@@ -159,7 +164,9 @@ def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "history": history, "train_time": train_time, "images_seen": images_seen,
-                          "steps": steps.count}, ckpt_path)
+                          "steps": steps.count,
+                          "params_with_grad": {i for i, p in enumerate(method.parameters()) if p.grad is not None}},
+                         ckpt_path)
         if report is not None:
             report(dict(metrics))
 

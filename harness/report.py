@@ -97,7 +97,8 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
         hue = next((a for a in (columns, rows) if a and a != axis), None)
         fig, ax = plt.subplots(figsize=(6, 4))
         data = finished.assign(**{hue: finished[hue].astype(str)}) if hue else finished
-        sns.pointplot(data=data, x=axis, y=metric, hue=hue, errorbar="sd", dodge=0.2, ax=ax)
+        dodge = 0.2 if hue and data[hue].nunique() > 1 else False
+        sns.pointplot(data=data, x=axis, y=metric, hue=hue, errorbar="sd", dodge=dodge, ax=ax)
         ax.set(ylabel=f"{metric} (%)", title=f"{metric} against {axis}")
         written.append(_save(fig, out / f"{metric.replace('/', '_')}_vs_{axis.replace('.', '_')}.png"))
     if not curves.empty:

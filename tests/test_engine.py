@@ -1,0 +1,65 @@
+"""The training engine: determinism, resume from the epoch checkpoint, divergence."""
+
+import pytest
+
+from harness.data import load_imageset
+from harness.data.synthfg import SynthFGParams
+from harness.engine import lr_factor, run_trial
+from harness.plugin import TrialDiverged
+
+DATA = SynthFGParams(classes=4, train_per_class=8, test_per_class=4)
+
+
+def config(**train):
+    return {"method": {"name": "pmg", "stages": 2, "feature_size": 16, "stage_dim": 32, "backbone_lr_scale": 1.0},
+            "dataset": DATA.model_dump(), "backbone": {"name": "resnet18"},
+            "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "resize": 36, "lr": 0.05, **train}, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def imageset():
+    return load_imageset(DATA, 36)
+
+
+def comparable(metrics):
+    return {k: v for k, v in metrics.items() if k.startswith(("test/", "train/loss")) or k == "optimizer_steps"}
+
+
+def test_same_trial_twice_gives_the_same_metrics(imageset):
+    a = run_trial(config(), imageset, threads=1)
+    b = run_trial(config(), imageset, threads=1)
+    assert comparable(a) == comparable(b)
+    assert a["optimizer_steps"] == 2 * (32 // 8) * 3  # epochs x batches x (S+1)
+    assert [h["epoch"] for h in a["history"]] == [1, 2]
+    c = run_trial({**config(), "seed": 4}, imageset, threads=1)
+    assert comparable(c) != comparable(a)
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(imageset, tmp_path):
+    uninterrupted = run_trial(config(), imageset, threads=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(metrics):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_trial(config(), imageset, report=stop_after_first_epoch, checkpoint_dir=tmp_path, threads=1)
+    assert (tmp_path / "checkpoint.pt").exists()
+    resumed = run_trial(config(), imageset, checkpoint_dir=tmp_path, threads=1)
+    assert resumed["resumed_from_epoch"] == 1
+    assert comparable(resumed) == comparable(uninterrupted)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
+def test_non_finite_loss_raises_trial_diverged(imageset):
+    with pytest.raises(TrialDiverged, match="diverged; lower train.lr"):
+        run_trial(config(lr=1e30, epochs=1), imageset, threads=1)
+
+
+def test_cosine_schedule_is_the_authors():
+    # lr / 2 * (cos(pi * t / T) + 1): full at epoch 0, half at T/2.
+    assert lr_factor("cosine", 0, 10) == 1.0
+    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("constant", 7, 10) == 1.0

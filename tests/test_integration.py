@@ -1,0 +1,92 @@
+"""Tiny studies through a real local Ray: results, reports, skipping, failures, interrupts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.run import main
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(tiny_study, tmp_path, *extra):
+    return main([str(tiny_study), "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "reports"),
+                 "--num-cpus", "2", *extra])
+
+
+def test_study_with_a_diverging_trial(tiny_study, tmp_path, capsys):
+    grid = ["--set", "grid.train.lr=[0.05, 1.0e+30]", "--set", "grid.method.jigsaw=[true]", "--profile", "fast"]
+    assert run(tiny_study, tmp_path, *grid) == 3  # finished with failures
+    run_dir = tmp_path / "runs" / "tiny" / "fast"
+    results = pd.read_parquet(run_dir / "results.parquet")
+    assert len(results) == 4
+    assert sorted(results["status"]) == ["failed", "failed", "finished", "finished"]
+    failed = results[results["status"] == "failed"]
+    assert (failed["train.lr"] == 1e30).all() and failed["error"].str.contains("TrialDiverged").all()
+    ok = results[results["status"] == "finished"]
+    assert ok["test/acc"].between(0, 1).all() and (ok["num_classes"] == 4).all()
+    for column in ("trial_id", "method", "dataset", "backbone", "seed", "method.stages", "method.jigsaw",
+                   "test/acc/concat", "test/acc/combined", "wall_time_s", "train/images_per_s", "version/torch"):
+        assert column in results.columns, column
+    assert set(ok["optimizer_steps"]) == {(32 // 8) * 2, (32 // 8) * 3}  # 4 batches x (S+1)
+    curves = pd.read_parquet(run_dir / "curves.parquet")
+    assert set(curves["trial_id"]) == set(ok["trial_id"]) and set(curves["epoch"]) == {1}
+
+    reports = tmp_path / "reports" / "tiny" / "fast"
+    for name in ("table.md", "table.csv", "table.tex", "learning_curves.png", "test_acc_vs_method_stages.png"):
+        assert (reports / name).stat().st_size > 0, name
+    assert "(1 failed)" in (reports / "table.md").read_text()
+
+    # Second run: the finished trials are skipped (and untouched), the failed ones are tried again.
+    finished_files = {t: (run_dir / "trials" / t / "result.json").stat().st_mtime_ns for t in ok["trial_id"]}
+    capsys.readouterr()
+    assert run(tiny_study, tmp_path, *grid) == 3
+    assert "skipping 2 of 4 trials already finished" in capsys.readouterr().out
+    assert {t: (run_dir / "trials" / t / "result.json").stat().st_mtime_ns for t in finished_files} == finished_files
+
+
+def test_rerun_trains_nothing_and_rebuilds_reports(tiny_study, tmp_path, capsys):
+    assert run(tiny_study, tmp_path, "--profile", "fast", "--set", "grid.method.stages=[1]") == 0
+    capsys.readouterr()
+    assert run(tiny_study, tmp_path, "--profile", "fast", "--set", "grid.method.stages=[1]") == 0
+    out = capsys.readouterr().out
+    assert "0 trials trained, 2 skipped" in out and "Ray" not in out  # no Ray started for nothing to do
+    from harness.report import main as report_main
+    assert report_main([str(tmp_path / "runs" / "tiny" / "fast"), "--out", str(tmp_path / "rebuilt")]) == 0
+    assert (tmp_path / "rebuilt" / "table.md").exists()
+
+
+def test_interrupt_keeps_finished_trials_and_resumes(tiny_study, tmp_path):
+    """Ctrl-C (SIGINT) after the first trial: exit 130, nothing lost, the next run finishes the rest."""
+    cmd = [sys.executable, "-m", "harness.run", str(tiny_study), "--runs-dir", str(tmp_path / "runs"),
+           "--reports-dir", str(tmp_path / "reports"), "--num-cpus", "1", "--set", "train.epochs=3"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials_dir = tmp_path / "runs" / "tiny" / "default" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(trials_dir.glob("*/result.json")):
+        time.sleep(0.5)
+    assert list(trials_dir.glob("*/result.json")), "no trial finished in time"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    finished = {p.parent.name for p in trials_dir.glob("*/result.json")
+                if json.loads(p.read_text())["status"] == "finished"}
+    assert finished
+    results = pd.read_parquet(tmp_path / "runs" / "tiny" / "default" / "results.parquet")
+    assert finished <= set(results["trial_id"])  # the table written before the interrupt is whole
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"skipping {len(finished)} of 4 trials already finished" in done.stdout
+    results = pd.read_parquet(tmp_path / "runs" / "tiny" / "default" / "results.parquet")
+    assert len(results) == 4 and (results["status"] == "finished").all()
+    assert all(len(json.loads((trials_dir / t / "curves.json").read_text())) == 3 for t in results["trial_id"])

@@ -1,0 +1,41 @@
+"""Paper-layout tables from stored results: mean ± std over seeds, failed and missing cells marked."""
+
+import pandas as pd
+
+from harness.report import head_table, paper_table
+
+
+def results():
+    rows = []
+    for stages in (1, 2):
+        for jigsaw in (True, False):
+            for seed, acc in ((0, 0.50), (1, 0.60)):
+                rows.append({"method.stages": stages, "method.jigsaw": jigsaw, "seed": seed, "status": "finished",
+                             "test/acc": acc + 0.1 * stages, "test/acc/concat": acc})
+    df = pd.DataFrame(rows)
+    df.loc[(df["method.stages"] == 2) & (df["method.jigsaw"]) & (df["seed"] == 1), "status"] = "failed"
+    df.loc[(df["method.stages"] == 2) & (~df["method.jigsaw"]), "status"] = "failed"
+    return df
+
+
+def test_paper_layout_mean_std_and_failures():
+    table = paper_table(results(), "method.stages", "method.jigsaw", "test/acc")
+    assert list(table.index) == ["1", "2"] and list(table.columns) == ["jigsaw=False", "jigsaw=True"]
+    assert table.loc["1", "jigsaw=True"] == "65.0 ± 7.1"  # mean of 60, 70; sample std 7.07
+    assert table.loc["2", "jigsaw=True"] == "70.0 (1 failed)"
+    assert table.loc["2", "jigsaw=False"] == "failed"
+
+
+def test_missing_cells_and_single_axis():
+    df = results()
+    df = df[~((df["method.stages"] == 1) & (df["method.jigsaw"]))]
+    table = paper_table(df, "method.stages", "method.jigsaw", "test/acc")
+    assert table.loc["1", "jigsaw=True"] == "-"
+    single = paper_table(df[df["seed"] == 0], "method.stages", None, "test/acc")
+    assert single.loc["1", "test/acc"] == "60.0"
+
+
+def test_head_table_averages_finished_trials():
+    heads = head_table(results(), ["method.stages", "method.jigsaw"])
+    assert heads.loc[(1, True), "concat"] == 55.0
+    assert heads.loc[(2, True), "concat"] == 50.0  # the failed seed is left out

@@ -1,0 +1,56 @@
+"""The embedded dataset: deterministic, part based, neighbouring classes differ in one part, cached."""
+
+import numpy as np
+import pytest
+
+from harness.data import cache_dir, load_imageset
+from harness.data.synthfg import PART_NAMES, SynthFGParams, class_attributes, generate, gray_code
+
+SMALL = SynthFGParams(classes=6, train_per_class=3, test_per_class=2)
+
+
+def test_deterministic_from_seed_and_any_resolution():
+    a, b = generate(SMALL, 32), generate(SMALL, 32)
+    assert np.array_equal(a.train.images, b.train.images) and np.array_equal(a.test.labels, b.test.labels)
+    c = generate(SMALL.model_copy(update={"seed": 1}), 32)
+    assert not np.array_equal(a.train.images, c.train.images)
+    big = generate(SMALL, 80)
+    assert big.train.images.shape == (18, 3, 80, 80) and big.train.images.dtype == np.uint8
+    assert a.test.images.shape == (12, 3, 32, 32)
+    assert sorted(np.bincount(a.train.labels)) == [3] * 6
+
+
+def test_neighbouring_classes_differ_in_exactly_one_part():
+    attrs = class_attributes(432)
+    assert len({tuple(r) for r in attrs}) == 432  # every combination once
+    assert ((attrs[1:] != attrs[:-1]).sum(1) == 1).all()
+    assert gray_code(4, [2, 2]) == [[0, 0], [1, 0], [1, 1], [0, 1]]
+
+
+def test_part_boxes_are_inside_the_image():
+    s = generate(SMALL, 48)
+    boxes = s.train.boxes
+    assert boxes.shape == (18, len(PART_NAMES), 4)
+    present = boxes[..., 0] >= 0
+    assert present.mean() > 0.8
+    b = boxes[present]
+    assert (b[:, 0] < b[:, 2]).all() and (b[:, 1] < b[:, 3]).all()
+    assert (b >= 0).all() and (b <= 48).all()
+
+
+def test_intra_class_variation_is_large():
+    s = generate(SynthFGParams(classes=2, train_per_class=8, test_per_class=1), 32)
+    same = s.train.images[s.train.labels == 0].astype(float)
+    assert np.abs(same[0] - same[1]).mean() > 20  # pose, colour and background differ within a class
+
+
+def test_cache_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FGVC_HARNESS_CACHE", str(tmp_path))
+    first = load_imageset(SMALL, 32)
+    entries = list(cache_dir().iterdir())
+    assert len(entries) == 1 and (entries[0] / "meta.json").exists()
+    import harness.data.synthfg as synthfg
+    monkeypatch.setattr(synthfg, "generate", lambda *a, **k: pytest.fail("regenerated instead of read from cache"))
+    second = load_imageset(SMALL, 32)
+    assert np.array_equal(first.train.images, second.train.images)
+    assert second.class_names == first.class_names and second.part_names == first.part_names
