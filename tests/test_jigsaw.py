@@ -4,19 +4,7 @@ import pytest
 import torch
 
 from methods.pmg import jigsaw, swap_chain_permutation
-
-
-def authors_block_swap(images: torch.Tensor, n: int, order: list[int]) -> torch.Tensor:
-    """The authors' loop (PMG repo utils.jigsaw_generator), with the shuffled order given."""
-    block = images.shape[-1] // n
-    positions = [[a, b] for a in range(n) for b in range(n)]
-    jigsaws = images.clone()
-    for i in order:
-        x, y = positions[i]
-        temp = jigsaws[..., 0:block, 0:block].clone()
-        jigsaws[..., 0:block, 0:block] = jigsaws[..., x * block:(x + 1) * block, y * block:(y + 1) * block].clone()
-        jigsaws[..., x * block:(x + 1) * block, y * block:(y + 1) * block] = temp
-    return jigsaws
+from tests.reference import authors_block_swap
 
 
 def blocks_of(images: torch.Tensor, n: int) -> torch.Tensor:
