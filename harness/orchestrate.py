@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.data import load_imageset
+from harness.data import DATASETS, load_imageset
 from harness.results import FAILED, FINISHED, ResultStore
 from harness.trials import ResolvedStudy, TrialSpec
 
@@ -78,7 +78,8 @@ class _StoreCallback(tune.Callback):
     """Driver side: writes each trial's record the moment it ends and rebuilds the tables."""
 
     def __init__(self, store: ResultStore, specs: dict[str, TrialSpec], all_trials: list[TrialSpec],
-                 summary: RunSummary, total: int, log):
+                 summary: RunSummary, total: int, log, keep_checkpoints: bool = False):
+        self.keep_checkpoints = keep_checkpoints
         self.store, self.specs, self.all_trials, self.summary = store, specs, all_trials, summary
         self.total, self.log = total, log
 
@@ -102,6 +103,8 @@ class _StoreCallback(tune.Callback):
         self.store.write_tables(self.all_trials)
         done = len(self.summary.finished) + len(self.summary.failed) + 1
         if result["status"] == FINISHED:
+            if not self.keep_checkpoints:  # only needed to resume; the result is now on disk
+                (self.store.trial_dir(trial_id) / "checkpoint.pt").unlink(missing_ok=True)
             self.summary.finished.append(trial_id)
             self.log(f"[{done}/{self.total}] finished {spec.label}: test/acc={result.get('test/acc', float('nan')):.4f}"
                      f" ({result.get('wall_time_s', 0):.0f} s, {result.get('train/images_per_s', 0):.0f} img/s)")
@@ -147,7 +150,8 @@ def check_resources(resolved: ResolvedStudy) -> str | None:
 
 
 def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str | None = None,
-              max_retries: int = 1, num_cpus: int | None = None, log=print) -> RunSummary:
+              max_retries: int = 1, num_cpus: int | None = None, log=print,
+              keep_checkpoints: bool = False) -> RunSummary:
     store = ResultStore(run_dir)
     summary = RunSummary()
     done = store.finished_ids([t.trial_id for t in resolved.trials])
@@ -160,6 +164,14 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
         store.write_tables(resolved.trials)
         return summary
 
+    # Decode each dataset once, before Ray starts: a broken tree fails here with nothing started.
+    imagesets = {}
+    for spec in todo:
+        key = dataset_key(spec.config)
+        if key not in imagesets:
+            params = DATASETS.get(spec.config["dataset"]["name"]).Params.model_validate(spec.config["dataset"])
+            imagesets[key] = load_imageset(params, spec.config["train"]["resize"] or spec.config["train"]["image_size"])
+
     t0 = time.perf_counter()
     start_ray(address, num_cpus)
     problem = check_resources(resolved)
@@ -167,21 +179,15 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
         raise ValueError(problem)
     log(f"Ray {'joined at ' + address if address else 'started locally'} in {time.perf_counter() - t0:.1f} s; "
         f"{len(todo)} trials to run, resources per trial: {resolved.study.resources.model_dump()}")
-
-    refs = {}
-    for spec in todo:  # decode each dataset once, share it through the object store
-        key = dataset_key(spec.config)
-        if key not in refs:
-            from harness.data import DATASETS
-            params = DATASETS.get(spec.config["dataset"]["name"]).Params.model_validate(spec.config["dataset"])
-            refs[key] = ray.put(load_imageset(params, spec.config["train"]["resize"] or spec.config["train"]["image_size"]))
+    refs = {key: ray.put(imageset) for key, imageset in imagesets.items()}  # shared, zero-copy, once per node
+    del imagesets
 
     payload = [{"trial_id": s.trial_id, "config": s.config, "checkpoint_dir": str(store.trial_dir(s.trial_id).resolve())}
                for s in todo]
     resources = resolved.study.resources
     trainable = tune.with_resources(tune.with_parameters(_trainable, datasets=refs),
                                     {"cpu": resources.cpu, "gpu": resources.gpu})
-    callback = _StoreCallback(store, {s.trial_id: s for s in todo}, resolved.trials, summary, len(todo), log)
+    callback = _StoreCallback(store, {s.trial_id: s for s in todo}, resolved.trials, summary, len(todo), log, keep_checkpoints)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(payload)},

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default="runs", help="results root (default runs/)")
     p.add_argument("--reports-dir", default="reports", help="reports root (default reports/)")
     p.add_argument("--max-retries", type=int, default=1, help="Tune retries of a trial whose worker died")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished trial's last checkpoint (default: deleted once its result is stored)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     return p.parse_args(argv)
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     from harness import orchestrate
+    from harness.data._decode import DatasetError
     from harness.report import build_reports
 
     run_dir = Path(args.runs_dir) / resolved.name / resolved.profile
@@ -68,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials -> {run_dir}/")
     try:
         summary = orchestrate.run_study(resolved, run_dir, address=args.address, max_retries=args.max_retries,
-                                        num_cpus=args.num_cpus)
+                                        num_cpus=args.num_cpus, keep_checkpoints=args.keep_checkpoints)
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ValueError as e:  # resources the cluster cannot give
+    except (ValueError, DatasetError) as e:  # a broken dataset tree, or resources the cluster cannot give
         print(f"cannot run: {e}", file=sys.stderr)
         return EXIT_INVALID
     finally:

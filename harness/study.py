@@ -114,9 +114,13 @@ def _line_map(text: str) -> dict[tuple, int]:
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
+    """Profile overrides merged into the base. A method or dataset section that names a different
+    plugin replaces the base section whole: its parameters belong to the other plugin."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "grid":
+        renamed = (key in ("method", "dataset") and isinstance(value, dict) and isinstance(out.get(key), dict)
+                   and value.get("name", out[key].get("name")) != out[key].get("name"))
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "grid" and not renamed:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -147,6 +151,10 @@ def set_dotted(config: dict, dotted: str, value: Any) -> None:
         config.setdefault("grid", {})[dotted[len("grid."):]] = value
         return
     keys = dotted.split(".")
+    if len(keys) == 2 and keys[0] in ("method", "dataset") and keys[1] == "name" and \
+            isinstance(config.get(keys[0]), dict) and config[keys[0]].get("name") != value:
+        config[keys[0]] = {"name": value}  # another plugin: the old one's parameters do not apply
+        return
     node = config
     for key in keys[:-1]:
         if not isinstance(node.get(key, {}), dict):

@@ -148,3 +148,22 @@ def test_shipped_studies_validate():
     study = load_study("studies/pmg_ablation.yaml")
     assert len(study.trials) == 10
     assert {t.axes["method.stages"] for t in study.trials} == {1, 2, 3, 4, 5}
+
+
+def test_switching_dataset_replaces_its_parameters(tiny_study, tmp_path):
+    root = tmp_path / "CUB_200_2011"
+    study = load_study(tiny_study, overrides=["dataset.name=cub200", f"dataset.root={root}"])
+    assert study.trials[0].config["dataset"] == {"name": "cub200", "root": str(root)}
+
+
+def test_paper_profile_resolves_the_authors_protocol(monkeypatch):
+    monkeypatch.setenv("CUB200_ROOT", "/data/CUB_200_2011")
+    study = load_study("studies/pmg_ablation.yaml", profile="paper")
+    cfg = study.trials[0].config
+    assert cfg["dataset"] == {"name": "cub200", "root": "/data/CUB_200_2011"}
+    assert cfg["backbone"]["name"] == "resnet50" and cfg["backbone"]["pretrained"] is True
+    assert (cfg["train"]["image_size"], cfg["train"]["resize"], cfg["train"]["batch_size"]) == (448, 550, 16)
+    assert cfg["train"]["lr"] == 0.002 and cfg["train"]["epochs"] == 200 and cfg["train"]["amp"] is False
+    m = cfg["method"]
+    assert (m["feature_size"], m["stage_dim"], m["backbone_lr_scale"], m["early_exit"]) == (512, 1024, 0.1, False)
+    assert len(study.trials) == 30  # 5 x 2 x 3 seeds

@@ -1,0 +1,72 @@
+"""CUB-200-2011 from its distributed layout.
+
+    CUB_200_2011/
+      images/NNN.Name/*.jpg
+      images.txt               <image_id> <relative path>
+      image_class_labels.txt   <image_id> <class_id>   (class ids are 1-based)
+      train_test_split.txt     <image_id> <1 = train | 0 = test>
+      classes.txt              <class_id> <name>
+      bounding_boxes.txt       <image_id> <x> <y> <w> <h>   (optional here)
+
+11,788 images: 5,994 train / 5,794 test, 200 classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness.data import DatasetFamily, register_dataset
+from harness.data._decode import DatasetError, decode_all, read_table, require
+from harness.data.imageset import ImageSet, Split
+
+
+class CUB200Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["cub200"] = "cub200"
+    root: str = Field(..., description="the CUB_200_2011 folder")
+
+
+@register_dataset("cub200")
+class CUB200(DatasetFamily):
+    Params = CUB200Params
+
+    @classmethod
+    def build(cls, params: CUB200Params, size: int) -> ImageSet:
+        root = Path(params.root).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"cub200: no folder at {root}; set dataset.root to your CUB_200_2011 folder")
+        files = {name: require(root, name, "cub200") for name in
+                 ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")}
+        require(root, "images", "cub200")
+        paths = {int(i): p for i, p in read_table(files["images.txt"])}
+        labels = {int(i): int(c) - 1 for i, c in read_table(files["image_class_labels.txt"])}  # 1-based -> 0-based
+        is_train = {int(i): s == "1" for i, s in read_table(files["train_test_split.txt"])}
+        names = [name for _, name in sorted((int(c), n) for c, n in read_table(files["classes.txt"]))]
+        missing = sorted(set(paths) ^ set(labels) | set(paths) ^ set(is_train))
+        if missing:
+            raise DatasetError(f"cub200: image ids {missing[:10]} are not listed in all of images.txt, "
+                               f"image_class_labels.txt and train_test_split.txt under {root}")
+        boxes_file = root / "bounding_boxes.txt"
+        boxes = {int(r[0]): [float(v) for v in r[1:5]] for r in read_table(boxes_file)} if boxes_file.exists() else None
+
+        splits = {}
+        for split, flag in (("train", True), ("test", False)):
+            ids = sorted(i for i in paths if is_train[i] == flag)
+            images, originals = decode_all([root / "images" / paths[i] for i in ids], size, "cub200")
+            split_boxes = None
+            if boxes is not None:
+                split_boxes = np.full((len(ids), 1, 4), -1.0, dtype=np.float32)
+                for k, i in enumerate(ids):
+                    if i in boxes:
+                        x, y, w, h = boxes[i]
+                        sx, sy = size / originals[k, 0], size / originals[k, 1]  # into the stored square frame
+                        split_boxes[k, 0] = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
+            splits[split] = Split(images=images, labels=np.array([labels[i] for i in ids], dtype=np.int64),
+                                  boxes=split_boxes)
+        return ImageSet(name="cub200", num_classes=len(names), class_names=names, train=splits["train"],
+                        test=splits["test"], part_names=("object",) if boxes is not None else (),
+                        meta={"root": str(root)})
