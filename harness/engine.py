@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from harness.backbones import BackboneConfig, build_backbone
-from harness.data.imageset import BatchPipeline, ImageSet
+from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet
 from harness.plugin import METHODS, Method, OptimizerSteps
 from harness.study import TrainConfig
 
@@ -113,10 +113,11 @@ def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if train.amp else nullcontext
     steps = OptimizerSteps(optimizer, None, set_to_none=method.zero_grad_set_to_none, grad_clip=train.grad_clip)
 
+    mean, std = NORMALIZATIONS[train.normalize]
     train_pipe = BatchPipeline(imageset.train, train.image_size, train.batch_size, train=True,
-                               padding=train.crop_padding, hflip=train.hflip, device=device)
+                               padding=train.crop_padding, hflip=train.hflip, device=device, mean=mean, std=std)
     test_pipe = BatchPipeline(imageset.test, train.image_size, train.eval_batch_size or 2 * train.batch_size,
-                              train=False, device=device)
+                              train=False, device=device, mean=mean, std=std)
 
     ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     start_epoch, history, train_time, images_seen = 0, [], 0.0, 0

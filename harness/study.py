@@ -40,6 +40,8 @@ class TrainConfig(Strict):
     resize: int | None = Field(None, ge=8, description="stored (decoded) size; crops are taken from it")
     crop_padding: int = Field(0, ge=0, description="zero padding before the random crop")
     hflip: bool = True
+    normalize: Literal["imagenet", "half"] = Field("imagenet", description="imagenet mean/std, or "
+                                                   "half: (x - 0.5) / 0.5 as the PMG authors")
     lr: float = Field(0.002, gt=0.0, description="base learning rate (x each parameter group's lr_scale)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
