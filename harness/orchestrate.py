@@ -78,8 +78,9 @@ class _StoreCallback(tune.Callback):
     """Driver side: writes each trial's record the moment it ends and rebuilds the tables."""
 
     def __init__(self, store: ResultStore, specs: dict[str, TrialSpec], all_trials: list[TrialSpec],
-                 summary: RunSummary, total: int, log, keep_checkpoints: bool = False):
-        self.keep_checkpoints = keep_checkpoints
+                 summary: RunSummary, total: int, log, keep_checkpoints: bool = False,
+                 num_classes: dict[str, int] | None = None):
+        self.keep_checkpoints, self.num_classes = keep_checkpoints, num_classes or {}
         self.store, self.specs, self.all_trials, self.summary = store, specs, all_trials, summary
         self.total, self.log = total, log
 
@@ -97,7 +98,8 @@ class _StoreCallback(tune.Callback):
             return  # per-epoch results only feed Tune; the final one carries the whole history
         trial_id = self._id(trial)
         spec = self.specs[trial_id]
-        keep = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
+        keep = {"num_classes": self.num_classes.get(dataset_key(spec.config))}
+        keep.update({k: v for k, v in result.items() if k not in _TUNE_KEYS})
         curves = json.loads(keep.pop("history", "[]"))
         self.store.write_record(spec, result["status"], keep, result.get("error", ""), curves)
         self.store.write_tables(self.all_trials)
@@ -116,7 +118,8 @@ class _StoreCallback(tune.Callback):
         """The worker died (not a Python exception: those are reported as failed results)."""
         trial_id = self._id(trial)
         error = "trial process died: " + (str(trial.error_file) if getattr(trial, "error_file", None) else "no error file")
-        self.store.write_record(self.specs[trial_id], FAILED, {}, error)
+        spec = self.specs[trial_id]
+        self.store.write_record(spec, FAILED, {"num_classes": self.num_classes.get(dataset_key(spec.config))}, error)
         self.store.write_tables(self.all_trials)
         self.summary.failed.append(trial_id)
         self.log(f"FAILED {self.specs[trial_id].label}: {error}")
@@ -180,6 +183,7 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
     log(f"Ray {'joined at ' + address if address else 'started locally'} in {time.perf_counter() - t0:.1f} s; "
         f"{len(todo)} trials to run, resources per trial: {resolved.study.resources.model_dump()}")
     refs = {key: ray.put(imageset) for key, imageset in imagesets.items()}  # shared, zero-copy, once per node
+    num_classes = {key: imageset.num_classes for key, imageset in imagesets.items()}
     del imagesets
 
     payload = [{"trial_id": s.trial_id, "config": s.config, "checkpoint_dir": str(store.trial_dir(s.trial_id).resolve())}
@@ -187,7 +191,8 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
     resources = resolved.study.resources
     trainable = tune.with_resources(tune.with_parameters(_trainable, datasets=refs),
                                     {"cpu": resources.cpu, "gpu": resources.gpu})
-    callback = _StoreCallback(store, {s.trial_id: s for s in todo}, resolved.trials, summary, len(todo), log, keep_checkpoints)
+    callback = _StoreCallback(store, {s.trial_id: s for s in todo}, resolved.trials, summary, len(todo), log,
+                              keep_checkpoints, num_classes)
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(payload)},

@@ -54,12 +54,10 @@ def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 def versions() -> dict[str, str]:
-    import ray
-    import timm
-    import torch
+    from importlib.metadata import version
 
     return {"version/harness": harness.__version__, "version/math": str(harness.MATH_VERSION),
-            "version/torch": torch.__version__, "version/timm": timm.__version__, "version/ray": ray.__version__,
+            **{f"version/{pkg}": version(pkg) for pkg in ("torch", "timm", "ray")},
             "version/python": platform.python_version(), "git_commit": git_commit()}
 
 

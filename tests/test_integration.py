@@ -31,6 +31,7 @@ def test_study_with_a_diverging_trial(tiny_study, tmp_path, capsys):
     assert sorted(results["status"]) == ["failed", "failed", "finished", "finished"]
     failed = results[results["status"] == "failed"]
     assert (failed["train.lr"] == 1e30).all() and failed["error"].str.contains("TrialDiverged").all()
+    assert (results["num_classes"] == 4).all()
     ok = results[results["status"] == "finished"]
     assert ok["test/acc"].between(0, 1).all() and (ok["num_classes"] == 4).all()
     for column in ("trial_id", "method", "dataset", "backbone", "seed", "method.stages", "method.jigsaw",
