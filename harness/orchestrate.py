@@ -196,7 +196,9 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(payload)},
-        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+        # reuse_actors: one worker process runs trial after trial, instead of a fresh process (and a
+        # fresh torch/timm import) per trial.
+        tune_config=tune.TuneConfig(reuse_actors=True, trial_name_creator=lambda t: t.config["trial"]["trial_id"],
                                     trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
         run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str((Path(run_dir) / "ray").resolve()),
                                   failure_config=tune.FailureConfig(max_failures=max_retries),
