@@ -63,6 +63,18 @@ class StagedBackbone(nn.Module):
         self._return_layers: dict[str, str] | None = getattr(self.body, "return_layers", None)
         self.supports_early_exit = self._return_layers is not None and isinstance(self.body, nn.ModuleDict)
 
+    def truncate(self, last: int) -> None:
+        """Drop every module after stage `last` (e.g. Inception-v3 after Mixed_6e for WS-DAN)."""
+        last = last % self.num_stages
+        if last == self.num_stages - 1 or not self.supports_early_exit:
+            return
+        names = list(self.body.keys())
+        stage_names = [n for n in names if n in self._return_layers]
+        for name in names[names.index(stage_names[last]) + 1:]:
+            del self.body[name]
+            self._return_layers.pop(name, None)
+        self.channels, self.reductions = self.channels[:last + 1], self.reductions[:last + 1]
+
     @property
     def num_stages(self) -> int:
         return len(self.channels)

@@ -41,10 +41,13 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    """Per-epoch multiplier of each group's base lr. Cosine as the PMG authors: (cos(pi*t/T) + 1) / 2."""
-    if schedule == "cosine":
-        return (math.cos(math.pi * epoch / epochs) + 1) / 2
+def lr_factor(train: TrainConfig, epoch: int) -> float:
+    """Per-epoch multiplier of each group's base lr. Cosine as the PMG authors: (cos(pi*t/T) + 1) / 2;
+    step as WS-DAN's: gamma^(t // step_size)."""
+    if train.schedule == "cosine":
+        return (math.cos(math.pi * epoch / train.epochs) + 1) / 2
+    if train.schedule == "step":
+        return train.gamma ** (epoch // train.step_size)
     return 1.0
 
 
@@ -136,7 +139,7 @@ def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
     n_params = sum(p.numel() for p in method.parameters())
     metrics: dict = history[-1] if history else {}
     for epoch in range(start_epoch, train.epochs):
-        factor = lr_factor(train.schedule, epoch, train.epochs)
+        factor = lr_factor(train, epoch)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         method.train()

@@ -37,22 +37,35 @@ def _label(axis: str, value) -> str:
     return f"{axis.split('.')[-1]}={value}"
 
 
-def paper_table(results: pd.DataFrame, rows: str, columns: str | None, metric: str) -> pd.DataFrame:
-    """rows x columns of `metric` (in %), mean ± std over seeds; 'failed' where every seed failed."""
+def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | None, metric: str) -> pd.DataFrame:
+    """rows x columns of `metric` (in %), mean ± std over seeds; 'failed' where every seed failed.
+
+    `columns` may name several axes (e.g. WS-DAN's crop and drop): one column per combination."""
     if metric not in results.columns:
         results = results.assign(**{metric: float("nan")})
-    keys = [rows] + ([columns] if columns else [])
+    cols = [columns] if isinstance(columns, str) else list(columns or [])
     cells = {}
-    for key, group in results.groupby(keys, sort=True, dropna=False):
+    for key, group in results.groupby([rows] + cols, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         cells[key] = _cell(group[metric], group["status"])
     row_values = sorted(results[rows].unique(), key=_sort_key)
-    col_values = sorted(results[columns].unique(), key=_sort_key) if columns else [None]
-    table = pd.DataFrame(
-        [[cells.get((r, c) if columns else (r,), MISSING) for c in col_values] for r in row_values],
-        index=pd.Index([str(r) for r in row_values], name=rows.split(".")[-1]),
-        columns=[_label(columns, c) for c in col_values] if columns else [metric])
-    return table
+    col_values = sorted({tuple(v) for v in results[cols].itertuples(index=False)}, key=lambda t: [_sort_key(x) for x in t])
+    if not cols:
+        col_values = [()]
+    labels = [", ".join(_label(a, v) for a, v in zip(cols, combo)) or metric for combo in col_values]
+    return pd.DataFrame([[cells.get((r, *combo), MISSING) for combo in col_values] for r in row_values],
+                        index=pd.Index([str(r) for r in row_values], name=rows.split(".")[-1]), columns=labels)
+
+
+def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str | None]:
+    """One string column standing for several axes (for a plot's hue or style)."""
+    axes = [a for a in axes if a in df.columns]
+    if not axes:
+        return df, None
+    if len(axes) == 1:
+        return df.assign(**{axes[0]: df[axes[0]].astype(str)}), axes[0]
+    name = ", ".join(a.split(".")[-1] for a in axes)
+    return df.assign(**{name: df[axes].astype(str).agg(", ".join, axis=1)}), name
 
 
 def _sort_key(value):
@@ -79,14 +92,15 @@ def write_tables(table: pd.DataFrame, heads: pd.DataFrame, out: Path, title: str
     atomic_write_bytes(out / "table.tex", tex.encode())
 
 
-def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], rows: str | None, columns: str | None,
-                metric: str, out: Path) -> list[Path]:
+def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], rows: str | None,
+                columns: str | list[str] | None, metric: str, out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     sns.set_theme(style="whitegrid")
+    cols = [columns] if isinstance(columns, str) else list(columns or [])
     written = []
     finished = results[results["status"] == FINISHED].copy()
     if metric in finished.columns:
@@ -94,9 +108,9 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
     for axis in axes:
         if finished.empty or metric not in finished.columns:
             break
-        hue = next((a for a in (columns, rows) if a and a != axis), None)
+        others = [a for a in cols if a != axis] or [a for a in (rows,) if a and a != axis]
+        data, hue = combined_axis(finished, others)
         fig, ax = plt.subplots(figsize=(6, 4))
-        data = finished.assign(**{hue: finished[hue].astype(str)}) if hue else finished
         dodge = 0.2 if hue and data[hue].nunique() > 1 else False
         sns.pointplot(data=data, x=axis, y=metric, hue=hue, errorbar="sd", dodge=dodge, ax=ax)
         ax.set(ylabel=f"{metric} (%)", title=f"{metric} against {axis}")
@@ -107,12 +121,8 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
         for ax, m in zip(axs[0], panels):
             data = curves[curves["metric"] == m]
             data = data.assign(value=data["value"] * (100 if m.startswith("test/acc") else 1))
-            hue = rows if rows in data.columns else None
-            style = columns if columns in data.columns else None
-            if hue:
-                data = data.assign(**{hue: data[hue].astype(str)})
-            if style:
-                data = data.assign(**{style: data[style].astype(str)})
+            data, hue = combined_axis(data, [rows] if rows else [])
+            data, style = combined_axis(data, cols)
             sns.lineplot(data=data, x="epoch", y="value", hue=hue, style=style, errorbar="sd", ax=ax)
             ax.set(ylabel=m + (" (%)" if m.startswith("test/acc") else ""), title=f"learning curves: {m}")
         written.append(_save(fig, out / "learning_curves.png"))
@@ -145,7 +155,7 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     axes = list(study.get("grid") or {})
     table_spec = study.get("table") or {}
     rows = table_spec.get("rows") or (axes[0] if axes else "seed")
-    columns = table_spec.get("columns") or (axes[1] if len(axes) > 1 and rows != axes[1] else None)
+    columns = table_spec.get("columns") or [a for a in axes if a != rows] or None
     metric = table_spec.get("metric", "test/acc")
     out.mkdir(parents=True, exist_ok=True)
     if results.empty:

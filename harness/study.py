@@ -46,7 +46,10 @@ class TrainConfig(Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     nesterov: bool = False
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine: lr/2*(cos(pi*epoch/epochs)+1)")
+    schedule: Literal["cosine", "step", "constant"] = Field(
+        "cosine", description="cosine: lr/2*(cos(pi*epoch/epochs)+1); step: lr*gamma^(epoch//step_size)")
+    step_size: int = Field(2, ge=1, description="epochs per decay of the step schedule")
+    gamma: float = Field(0.9, gt=0.0, le=1.0, description="decay factor of the step schedule")
     grad_clip: float | None = Field(None, gt=0.0)
     amp: bool = Field(False, description="bf16 autocast (CUDA, or CPUs with bf16 units)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -65,7 +68,7 @@ class Resources(Strict):
 
 class TableSpec(Strict):
     rows: str = Field(..., description="a grid axis (dotted path) for the table's rows")
-    columns: str | None = Field(None, description="a grid axis for the columns")
+    columns: str | list[str] | None = Field(None, description="a grid axis, or several, for the columns")
     metric: str = Field("test/acc", description="a metric column of results.parquet")
 
 

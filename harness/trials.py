@@ -132,10 +132,11 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
         _check_axis(axis, values, models, where)
     if study.table is not None:
         for role in ("rows", "columns"):
-            axis = getattr(study.table, role)
-            if axis is not None and axis not in study.grid and axis != "seed":
-                raise StudyError(f"{where.at(('table', role))}table.{role} '{axis}' is not a grid axis "
-                                 f"(grid axes: {', '.join(study.grid) or 'none'})")
+            value = getattr(study.table, role)
+            for axis in ([value] if isinstance(value, str) else value or []):
+                if axis not in study.grid and axis != "seed":
+                    raise StudyError(f"{where.at(('table', role))}table.{role} '{axis}' is not a grid axis "
+                                     f"(grid axes: {', '.join(study.grid) or 'none'})")
 
     trials, seen = [], set()
     axes = list(study.grid)

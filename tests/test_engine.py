@@ -6,6 +6,7 @@ from harness.data import load_imageset
 from harness.data.synthfg import SynthFGParams
 from harness.engine import lr_factor, run_trial
 from harness.plugin import TrialDiverged
+from harness.study import TrainConfig
 
 DATA = SynthFGParams(classes=4, train_per_class=8, test_per_class=4)
 
@@ -58,8 +59,11 @@ def test_non_finite_loss_raises_trial_diverged(imageset):
         run_trial(config(lr=1e30, epochs=1), imageset, threads=1)
 
 
-def test_cosine_schedule_is_the_authors():
-    # lr / 2 * (cos(pi * t / T) + 1): full at epoch 0, half at T/2.
-    assert lr_factor("cosine", 0, 10) == 1.0
-    assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
-    assert lr_factor("constant", 7, 10) == 1.0
+def test_schedules_are_the_authors():
+    # PMG: lr / 2 * (cos(pi * t / T) + 1): full at epoch 0, half at T/2.
+    assert lr_factor(TrainConfig(epochs=10), 0) == 1.0
+    assert lr_factor(TrainConfig(epochs=10), 5) == pytest.approx(0.5)
+    # WS-DAN: lr x 0.9 every 2 epochs.
+    step = TrainConfig(schedule="step", step_size=2, gamma=0.9)
+    assert [lr_factor(step, t) for t in range(5)] == pytest.approx([1, 1, 0.9, 0.9, 0.81])
+    assert lr_factor(TrainConfig(schedule="constant"), 7) == 1.0

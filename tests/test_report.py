@@ -39,3 +39,12 @@ def test_head_table_averages_finished_trials():
     heads = head_table(results(), ["method.stages", "method.jigsaw"])
     assert heads.loc[(1, True), "concat"] == 55.0
     assert heads.loc[(2, True), "concat"] == 50.0  # the failed seed is left out
+
+
+def test_several_column_axes():
+    rows = [{"method.attention_maps": m, "method.crop": c, "method.drop": d, "seed": 0, "status": "finished",
+             "test/acc": 0.1 * m + 0.01 * c + 0.02 * d} for m in (1, 4) for c in (False, True) for d in (False, True)]
+    table = paper_table(pd.DataFrame(rows), "method.attention_maps", ["method.crop", "method.drop"], "test/acc")
+    assert list(table.columns) == ["crop=False, drop=False", "crop=False, drop=True", "crop=True, drop=False",
+                                   "crop=True, drop=True"]
+    assert table.loc["4", "crop=True, drop=True"] == "43.0"

@@ -1,0 +1,228 @@
+"""WS-DAN: Weakly Supervised Data Augmentation Network (Hu et al., arXiv 1901.09891).
+
+Faithful to the paper and the authors' code (tau-yihouxiang/WS_DAN, TensorFlow; GuYuc/WS-DAN.PyTorch):
+- M attention maps from a BasicConv2d 1x1 (conv without bias -> BN(eps 1e-3) -> ReLU) on one
+  backbone stage (Inception-v3 Mixed_6e in the paper; `stage` counts from the last, the backbone
+  is truncated after it);
+- bilinear attention pooling: einsum('bmhw,bchw->bmc') / (H*W), flattened to M*C, signed square
+  root sign(x) sqrt(|x| + 1e-12), L2-normalised as one vector; classifier Linear(M*C, classes,
+  bias=False) on feature_matrix * 100;
+- attention regularisation: per-class feature centres (zero-initialised buffer, saved in
+  checkpoints), loss = sum of squared differences to the L2-normalised centre / batch size, centre
+  update c[y] += beta (f - normalize(c[y])) with beta = 0.05, without gradient;
+- attention-guided augmentation without gradient: per image, two maps drawn with probability
+  proportional to sqrt of each map's spatial sum (L1-normalised), one for the crop and one for the
+  drop. Crop: threshold theta_c ~ U(0.4, 0.6) x max, bounding box of the mask padded by 10% of the
+  image, bilinearly resized to the input size. Drop: theta_d ~ U(0.2, 0.5) x max, image x (map < theta_d);
+- one backward per batch: CE(raw)/3 + CE(crop)/3 + CE(drop)/3 + center loss;
+- test: mean of the M maps, crop at 0.1 x max with 5% padding; prediction = mean of the raw and
+  crop outputs. Heads: raw, refined (primary).
+
+Interpretations, each a parameter with this default:
+- `refine_average`: "probabilities" (the TF code averages softmax outputs) or "logits" (PyTorch);
+- with crop or drop off, the CE terms that remain are averaged (CE(raw)/2 + CE(drop)/2, or CE(raw));
+- centre updates of repeated labels in a batch accumulate (TF's scatter_sub); PyTorch's
+  `centers[y] += ...` keeps one of them;
+- `map_choice`: "sqrt_weighted" (METHODS.md, TF) or "uniform" (one map at random, the PyTorch code).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from harness.backbones import StagedBackbone
+from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
+
+EPSILON = 1e-12
+
+
+class WSDANParams(MethodParams):
+    name: str = "wsdan"
+    attention_maps: int = Field(32, ge=1, le=512, description="M, the number of attention maps (paper: 32)")
+    stage: int = Field(-2, description="backbone stage feeding the attention maps, from the last (-1 = last); "
+                                       "Inception-v3 Mixed_6e is -2")
+    crop: bool = Field(True, description="attention cropping in training")
+    drop: bool = Field(True, description="attention dropping in training")
+    crop_theta: tuple[float, float] = Field((0.4, 0.6), description="crop threshold range, x the map's max")
+    drop_theta: tuple[float, float] = Field((0.2, 0.5), description="drop threshold range, x the map's max")
+    crop_padding: float = Field(0.1, ge=0.0, lt=0.5, description="crop box padding, fraction of the image side")
+    test_theta: float = Field(0.1, gt=0.0, le=1.0, description="test-time crop threshold on the mean map")
+    test_padding: float = Field(0.05, ge=0.0, lt=0.5)
+    refine: bool = Field(True, description="test-time refinement: average the raw and the crop outputs")
+    refine_average: Literal["probabilities", "logits"] = "probabilities"
+    map_choice: Literal["sqrt_weighted", "uniform"] = "sqrt_weighted"
+    center_beta: float = Field(0.05, ge=0.0, le=1.0, description="centre update rate beta")
+    center_weight: float = Field(1.0, ge=0.0, description="weight of the center loss")
+    logit_scale: float = Field(100.0, gt=0.0, description="the classifier sees feature_matrix x this")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=10.0, description="backbone lr = train.lr x this")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "WSDANParams":
+        for name in ("crop_theta", "drop_theta"):
+            low, high = getattr(self, name)
+            if not 0.0 <= low <= high <= 1.0:
+                raise ValueError(f"{name} must be [low, high] with 0 <= low <= high <= 1, got [{low}, {high}]")
+        return self
+
+
+def bilinear_attention_pooling(features: torch.Tensor, attention_maps: torch.Tensor) -> torch.Tensor:
+    """BAP: (B, C, H, W) features, (B, M, H, W) maps -> (B, M*C) signed-sqrt, L2-normalised feature matrix."""
+    b, c, h, w = features.shape
+    matrix = torch.einsum("bmhw,bchw->bmc", attention_maps, features) / (h * w)  # (B, M, C): GAP of A_k * F
+    matrix = matrix.reshape(b, -1)
+    matrix = torch.sign(matrix) * torch.sqrt(matrix.abs() + EPSILON)
+    return F.normalize(matrix, dim=1)
+
+
+def _upsampled(attention_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, h, w) or (B, h, w) map -> (B, H, W) at the image size, bilinear."""
+    maps = attention_maps if attention_maps.dim() == 4 else attention_maps[:, None]
+    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _thresholds(theta: float | tuple[float, float], n: int, generator: torch.Generator | None,
+                device: torch.device) -> torch.Tensor:
+    if isinstance(theta, (tuple, list)):
+        low, high = theta
+        return (torch.rand(n, generator=generator) * (high - low) + low).to(device)
+    return torch.full((n,), float(theta), device=device)
+
+
+@torch.no_grad()
+def attention_crop_boxes(attention_maps: torch.Tensor, size: tuple[int, int],
+                         theta: float | tuple[float, float] = (0.4, 0.6), padding: float = 0.1,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 4) integer boxes (x0, y0, x1, y1), x1/y1 exclusive: the bounding box of map >= theta x max,
+    upsampled to `size`, padded by `padding` x the image side and clipped to the image."""
+    h, w = size
+    maps = _upsampled(attention_maps, size)  # (B, H, W)
+    limit = _thresholds(theta, len(maps), generator, maps.device) * maps.flatten(1).amax(1)
+    mask = maps >= limit[:, None, None]  # the arg-max pixel always passes, so the mask is never empty
+    rows, cols = mask.any(2), mask.any(1)
+    ar_h, ar_w = torch.arange(h, device=maps.device), torch.arange(w, device=maps.device)
+    y0 = torch.where(rows, ar_h, h).amin(1)
+    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
+    x0 = torch.where(cols, ar_w, w).amin(1)
+    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
+    pad_h, pad_w = int(padding * h), int(padding * w)
+    return torch.stack([(x0 - pad_w).clamp(min=0), (y0 - pad_h).clamp(min=0),
+                        (x1 + pad_w).clamp(max=w), (y1 + pad_h).clamp(max=h)], 1)
+
+
+@torch.no_grad()
+def attention_crop(images: torch.Tensor, attention_maps: torch.Tensor, theta: float | tuple[float, float] = (0.4, 0.6),
+                   padding: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop each image to its attention box (see attention_crop_boxes) and resize back, bilinearly."""
+    size = tuple(images.shape[-2:])
+    boxes = attention_crop_boxes(attention_maps, size, theta, padding, generator).tolist()
+    return torch.cat([F.interpolate(images[i:i + 1, :, y0:y1, x0:x1], size=size, mode="bilinear",
+                                    align_corners=False) for i, (x0, y0, x1, y1) in enumerate(boxes)])
+
+
+@torch.no_grad()
+def attention_drop(images: torch.Tensor, attention_maps: torch.Tensor, theta: float | tuple[float, float] = (0.2, 0.5),
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero the region where the upsampled map is >= theta x its max; keep everything else."""
+    maps = _upsampled(attention_maps, tuple(images.shape[-2:]))
+    limit = _thresholds(theta, len(maps), generator, maps.device) * maps.flatten(1).amax(1)
+    keep = (maps < limit[:, None, None]).to(images.dtype)
+    return images * keep[:, None]
+
+
+@torch.no_grad()
+def choose_maps(attention_maps: torch.Tensor, count: int, weighted: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, count) map indices per image: drawn with p ~ sqrt(spatial sum), L1-normalised (or uniformly),
+    without replacement while M allows."""
+    b, m = attention_maps.shape[:2]
+    weights = attention_maps.float().sum((2, 3)).clamp(min=0).sqrt() if weighted else torch.ones(b, m)
+    weights = weights.cpu() + EPSILON  # all-zero maps (dead ReLUs) fall back to uniform
+    probs = weights / weights.sum(1, keepdim=True)
+    return torch.multinomial(probs, count, replacement=m < count, generator=generator).to(attention_maps.device)
+
+
+@register_method("wsdan")
+class WSDAN(Method):
+    Params = WSDANParams
+    primary_head = "refined"
+    heads = ("raw", "refined")
+
+    def __init__(self, backbone: StagedBackbone, num_classes: int, params: WSDANParams):
+        super().__init__(backbone, num_classes, params)
+        self.validate_with(params, backbone.num_stages)
+        self.stage = params.stage % backbone.num_stages
+        backbone.truncate(self.stage)  # the authors' network ends at the attention stage
+        channels = backbone.channels[self.stage]
+        m = params.attention_maps
+        self.attentions = nn.Sequential(nn.Conv2d(channels, m, 1, bias=False), nn.BatchNorm2d(m, eps=1e-3), nn.ReLU())
+        self.fc = nn.Linear(m * channels, num_classes, bias=False)
+        self.register_buffer("centers", torch.zeros(num_classes, m * channels))
+        if not params.refine:
+            self.primary_head, self.heads = "raw", ("raw",)
+
+    @classmethod
+    def validate_with(cls, params: WSDANParams, num_stages: int) -> None:
+        if not -num_stages <= params.stage < num_stages:
+            raise ValueError(f"method.stage={params.stage} but the backbone has {num_stages} stages; "
+                             f"choose -{num_stages} <= stage <= {num_stages - 1} (-1 is the last)")
+
+    def param_groups(self) -> list[dict]:
+        new = [*self.attentions.parameters(), *self.fc.parameters()]
+        return [{"name": "new_layers", "params": new, "lr_scale": 1.0},
+                {"name": "backbone", "params": list(self.backbone.parameters()),
+                 "lr_scale": self.params.backbone_lr_scale}]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, classes), feature matrix (B, M*C), attention maps (B, M, h, w)."""
+        features = self.backbone(images, upto=self.stage)[-1]
+        maps = self.attentions(features)
+        matrix = bilinear_attention_pooling(features.float(), maps.float())
+        return self.fc(matrix * self.params.logit_scale), matrix, maps
+
+    def center_loss(self, matrix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of squared differences to the L2-normalised class centres / batch size; updates the centres."""
+        centers = F.normalize(self.centers[labels], dim=-1)
+        loss = ((matrix - centers) ** 2).sum() / len(labels)
+        with torch.no_grad():
+            self.centers.index_add_(0, labels, self.params.center_beta * (matrix.detach().float() - centers))
+        return loss
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps,
+                      generator: torch.Generator | None = None) -> dict[str, float]:
+        p = self.params
+        logits, matrix, maps = self(images)
+        ce_terms = {"raw": F.cross_entropy(logits, labels)}
+        if p.crop or p.drop:
+            chosen = choose_maps(maps, 2, p.map_choice == "sqrt_weighted", generator)  # (B, 2): crop, drop
+            picked = maps.detach().gather(1, chosen[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
+            if p.crop:
+                crops = attention_crop(images, picked[:, 0:1], p.crop_theta, p.crop_padding, generator)
+                ce_terms["crop"] = F.cross_entropy(self(crops)[0], labels)
+            if p.drop:
+                drops = attention_drop(images, picked[:, 1:2], p.drop_theta, generator)
+                ce_terms["drop"] = F.cross_entropy(self(drops)[0], labels)
+        center = self.center_loss(matrix, labels)
+        # CE(raw)/3 + CE(crop)/3 + CE(drop)/3 + center loss: one backward, one optimizer step.
+        loss = sum(ce_terms.values()) / len(ce_terms) + p.center_weight * center
+        out = {f"loss/{k}": float(v.detach()) for k, v in ce_terms.items()}
+        out["loss/center"] = float(center.detach())
+        out["loss"] = steps.step(loss)
+        return out
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        p = self.params
+        logits, _, maps = self(images)
+        out = {"raw": logits}
+        if p.refine:
+            crops = attention_crop(images, maps.mean(1, keepdim=True), p.test_theta, p.test_padding)
+            crop_logits = self(crops)[0]
+            if p.refine_average == "probabilities":
+                out["refined"] = (logits.softmax(1) + crop_logits.softmax(1)) / 2
+            else:
+                out["refined"] = (logits + crop_logits) / 2
+        return out
