@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import sys
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str 
 
 
 def _sort_key(value):
-    return (0, value) if isinstance(value, (int, float)) else (1, str(value))
+    """Numbers in numeric order (numpy's too: parquet columns come back as numpy scalars), then text."""
+    return (0, float(value)) if isinstance(value, numbers.Number) else (1, str(value))
 
 
 def head_table(results: pd.DataFrame, axes: list[str]) -> pd.DataFrame:

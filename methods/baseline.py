@@ -13,7 +13,7 @@ from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
 
 class BaselineParams(MethodParams):
     name: str = "baseline"
-    backbone_lr_scale: float = Field(1.0, gt=0.0, le=10.0, description="backbone lr = train.lr x this")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
 
 
 @register_method("baseline")

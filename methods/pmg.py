@@ -48,7 +48,7 @@ class PMGParams(MethodParams):
     beta: float = Field(2.0, ge=0.0, description="weight of the concat step's CE")
     feature_size: int = Field(512, ge=1, description="conv block mid width and classifier hidden width")
     stage_dim: int = Field(1024, ge=1, description="conv block output width (authors: 2048 // 2)")
-    backbone_lr_scale: float = Field(0.1, gt=0.0, le=10.0, description="backbone lr = train.lr x this")
+    backbone_lr_scale: float = Field(0.1, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
     early_exit: bool = Field(False, description="run the backbone only up to the trained stage in stage steps")
     idle_param_updates: bool = Field(True, description="PyTorch 1.x zero_grad semantics, as the authors ran")
 

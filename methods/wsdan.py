@@ -59,7 +59,7 @@ class WSDANParams(MethodParams):
     center_beta: float = Field(0.05, ge=0.0, le=1.0, description="centre update rate beta")
     center_weight: float = Field(1.0, ge=0.0, description="weight of the center loss")
     logit_scale: float = Field(100.0, gt=0.0, description="the classifier sees feature_matrix x this")
-    backbone_lr_scale: float = Field(1.0, gt=0.0, le=10.0, description="backbone lr = train.lr x this")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "WSDANParams":

@@ -91,3 +91,24 @@ def test_interrupt_keeps_finished_trials_and_resumes(tiny_study, tmp_path):
     results = pd.read_parquet(tmp_path / "runs" / "tiny" / "default" / "results.parquet")
     assert len(results) == 4 and (results["status"] == "finished").all()
     assert all(len(json.loads((trials_dir / t / "curves.json").read_text())) == 3 for t in results["trial_id"])
+
+
+def test_every_registered_method_runs_a_tiny_study(tmp_path):
+    """Each plugin, with its own defaults, trains and evaluates through real Ray on tiny data."""
+    from harness.plugin import METHODS
+
+    names = METHODS.names()
+    code = run(_study(tmp_path), tmp_path, "--profile", "fast", "--set", "train.lr=0.001",
+               "--set", f"grid.method.name={names}")
+    results = pd.read_parquet(tmp_path / "runs" / "tiny" / "fast" / "results.parquet")
+    assert code == 0, results[["method", "error"]]
+    assert sorted(results["method"]) == sorted(names)
+    assert results["test/acc"].between(0, 1).all()
+
+
+def _study(tmp_path):
+    from tests.conftest import TINY_STUDY
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_STUDY.replace("grid:\n  method.stages: [1, 2]\n  method.jigsaw: [true, false]\n", "grid: {}\n")
+                    .replace("table: {rows: method.stages, columns: method.jigsaw}\n", ""))
+    return path

@@ -48,3 +48,9 @@ def test_several_column_axes():
     assert list(table.columns) == ["crop=False, drop=False", "crop=False, drop=True", "crop=True, drop=False",
                                    "crop=True, drop=True"]
     assert table.loc["4", "crop=True, drop=True"] == "43.0"
+
+
+def test_numeric_rows_sort_as_numbers():
+    df = pd.DataFrame({"method.attention_maps": pd.array([1, 16, 32, 4], dtype="int64"), "seed": 0,
+                       "status": "finished", "test/acc": 0.5})
+    assert list(paper_table(df, "method.attention_maps", None, "test/acc").index) == ["1", "4", "16", "32"]
