@@ -23,6 +23,8 @@ class BackboneConfig(BaseModel):
                                                        "a path: weights from that local file")
     out_indices: list[int] | None = Field(None, description="timm feature stages to expose (default: all)")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    kwargs: dict = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. "
+                                                           "{img_size: 64, window_size: 2} for a small Swin")
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
 
 
@@ -42,6 +44,7 @@ class StagedBackbone(nn.Module):
             kwargs["out_indices"] = tuple(cfg.out_indices)
         if cfg.drop_path_rate:
             kwargs["drop_path_rate"] = cfg.drop_path_rate
+        kwargs.update(cfg.kwargs)
         pretrained = cfg.pretrained
         if isinstance(pretrained, str):
             path = Path(pretrained).expanduser()
@@ -62,6 +65,8 @@ class StagedBackbone(nn.Module):
         # Iterable feature nets (FeatureListNet/FeatureDictNet) expose return_layers: module name -> stage.
         self._return_layers: dict[str, str] | None = getattr(self.body, "return_layers", None)
         self.supports_early_exit = self._return_layers is not None and isinstance(self.body, nn.ModuleDict)
+        # Transformers (Swin) give channels-last maps; every method gets (B, C, H, W).
+        self.channels_last_output = getattr(getattr(self.body, "output_fmt", None), "value", "NCHW") == "NHWC"
 
     def truncate(self, last: int) -> None:
         """Drop every module after stage `last` (e.g. Inception-v3 after Mixed_6e for WS-DAN)."""
@@ -83,15 +88,16 @@ class StagedBackbone(nn.Module):
         """Feature maps of stages 0..upto (all when None); stops computing after stage `upto`."""
         last = self.num_stages - 1 if upto is None else upto % self.num_stages
         if last == self.num_stages - 1 or not self.supports_early_exit:
-            return list(self.body(x))[:last + 1]
-        feats: list[torch.Tensor] = []
-        for name, module in self.body.items():
-            x = module(x)
-            if name in self._return_layers:
-                feats.append(x)
-                if len(feats) == last + 1:
-                    break
-        return feats
+            feats = list(self.body(x))[:last + 1]
+        else:
+            feats = []
+            for name, module in self.body.items():
+                x = module(x)
+                if name in self._return_layers:
+                    feats.append(x)
+                    if len(feats) == last + 1:
+                        break
+        return [f.permute(0, 3, 1, 2) for f in feats] if self.channels_last_output else feats
 
 
 def build_backbone(cfg: BackboneConfig) -> StagedBackbone:

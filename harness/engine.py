@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from harness.backbones import BackboneConfig, build_backbone
+from harness.complexity import inference_complexity
 from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet
 from harness.plugin import METHODS, Method, OptimizerSteps
 from harness.study import TrainConfig
@@ -79,18 +80,23 @@ def build_optimizer(method: Method, train: TrainConfig) -> torch.optim.SGD:
 
 
 @torch.no_grad()
-def evaluate(method: Method, pipeline: BatchPipeline, autocast) -> dict[str, float]:
+def evaluate(method: Method, pipeline: BatchPipeline, autocast, flip: int | None = None,
+             prefix: str = "test") -> dict[str, float]:
+    """Top-1 of every head (`<prefix>/acc/<head>`) and of the primary head (`<prefix>/acc`).
+    `flip`: test on images flipped along dim -1 (horizontal) or -2 (vertical), the MKSMT robustness test."""
     method.eval()
     correct: dict[str, int] = {}
     total = 0
     for images, labels in pipeline.batches():
+        if flip is not None:
+            images = images.flip(flip)
         with autocast():
             heads = method.predict(images)
         for name, logits in heads.items():
             correct[name] = correct.get(name, 0) + int((logits.argmax(1) == labels).sum())
         total += len(labels)
-    metrics = {f"test/acc/{name}": c / total for name, c in correct.items()}
-    metrics["test/acc"] = metrics[f"test/acc/{method.primary_head}"]
+    metrics = {f"{prefix}/acc/{name}": c / total for name, c in correct.items()}
+    metrics[f"{prefix}/acc"] = metrics[f"{prefix}/acc/{method.primary_head}"]
     return metrics
 
 
@@ -175,6 +181,10 @@ def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
             report(dict(metrics))
 
     final = dict(metrics)
+    if train.eval_flips:
+        final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip"))
+        final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip"))
+    final.update(inference_complexity(method, train.image_size, device))
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,
                   "wall_time_s": time.perf_counter() - wall_start, "optimizer_steps": steps.count,
                   "params": n_params, "device": str(device), "num_classes": imageset.num_classes,

@@ -55,6 +55,8 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_train_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (smoke runs)")
     eval_every: int = Field(1, ge=1)
+    eval_flips: bool = Field(False, description="at the end, also test on horizontally and vertically "
+                                                "flipped test images (test_hflip/acc, test_vflip/acc)")
 
     @property
     def stored_size(self) -> int:

@@ -70,7 +70,7 @@ def backbone_num_stages(backbone_json: str) -> int:
     import torch
 
     cfg = BackboneConfig.model_validate_json(backbone_json)
-    kwargs = {"features_only": True}
+    kwargs = {"features_only": True, **cfg.kwargs}
     if cfg.out_indices is not None:
         kwargs["out_indices"] = tuple(cfg.out_indices)
     with torch.device("meta"):

@@ -40,3 +40,12 @@ def test_clear_errors():
         build_backbone(BackboneConfig(name="resnet18", pretrained="/nonexistent/weights.pth"))
     with pytest.raises(ValueError, match="timm has no model 'resnet81'.*did you mean"):
         build_backbone(BackboneConfig(name="resnet81"))
+
+
+def test_swin_stages_come_channels_first():
+    b = build_backbone(BackboneConfig(name="swin_tiny_patch4_window7_224", kwargs={"img_size": 64, "window_size": 2}))
+    assert b.channels == [96, 192, 384, 768] and b.channels_last_output
+    feats = b(torch.rand(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 96, 16, 16), (1, 192, 8, 8), (1, 384, 4, 4), (1, 768, 2, 2)]
+    early = b(torch.rand(1, 3, 64, 64), upto=1)
+    assert [f.shape[1] for f in early] == [96, 192]
