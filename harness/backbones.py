@@ -54,7 +54,7 @@ class StagedBackbone(nn.Module):
                                         "or false for random init")
             kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
             pretrained = True
-        if cfg.name not in timm.list_models():
+        if cfg.name.split(".")[0] not in timm.list_models():  # "name.pretrained_tag" is allowed
             import difflib
             close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
             raise ValueError(f"backbone.name: timm has no model '{cfg.name}'" +

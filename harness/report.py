@@ -23,39 +23,89 @@ from harness.results import FAILED, FINISHED, atomic_write_bytes
 MISSING = "-"
 
 
-def _cell(values: pd.Series, statuses: pd.Series) -> str:
+def _number(value: float) -> str:
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if abs(value) >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.3g}"
+
+
+def _cell(values: pd.Series, statuses: pd.Series, percent: bool = True) -> str:
+    """Accuracies in % (mean ± std over finished seeds); other metrics (params, GFLOPs) as plain numbers."""
     ok = values[statuses == FINISHED].dropna()
     if ok.empty:
         return "failed" if (statuses == FAILED).any() else MISSING
-    text = f"{100 * ok.mean():.1f}"
-    if len(ok) > 1:
-        text += f" ± {100 * ok.std(ddof=1):.1f}"
+    scale = 100 if percent else 1
+    text = f"{scale * ok.mean():.1f}" if percent else _number(ok.mean())
+    if len(ok) > 1 and ok.std(ddof=1) > 0:
+        text += f" ± {scale * ok.std(ddof=1):.1f}" if percent else f" ± {_number(ok.std(ddof=1))}"
     n_failed = int((statuses == FAILED).sum())
     return text + (f" ({n_failed} failed)" if n_failed else "")
+
+
+def is_accuracy(metric: str) -> bool:
+    return "/acc" in metric
 
 
 def _label(axis: str, value) -> str:
     return f"{axis.split('.')[-1]}={value}"
 
 
-def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | None, metric: str) -> pd.DataFrame:
+def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | None,
+                metric: str | list[str]) -> pd.DataFrame:
     """rows x columns of `metric` (in %), mean ± std over seeds; 'failed' where every seed failed.
 
-    `columns` may name several axes (e.g. WS-DAN's crop and drop): one column per combination."""
-    if metric not in results.columns:
-        results = results.assign(**{metric: float("nan")})
+    `columns` may name several axes (e.g. WS-DAN's crop and drop): one column per combination;
+    `metric` may list several metrics (e.g. MKSMT's heads): one column per metric, after the axes."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    for m in metrics:
+        if m not in results.columns:
+            results = results.assign(**{m: float("nan")})
     cols = [columns] if isinstance(columns, str) else list(columns or [])
     cells = {}
     for key, group in results.groupby([rows] + cols, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        cells[key] = _cell(group[metric], group["status"])
+        for m in metrics:
+            cells[key + (m,)] = _cell(group[m], group["status"], percent=is_accuracy(m))
     row_values = sorted(results[rows].unique(), key=_sort_key)
-    col_values = sorted({tuple(v) for v in results[cols].itertuples(index=False)}, key=lambda t: [_sort_key(x) for x in t])
-    if not cols:
-        col_values = [()]
-    labels = [", ".join(_label(a, v) for a, v in zip(cols, combo)) or metric for combo in col_values]
-    return pd.DataFrame([[cells.get((r, *combo), MISSING) for combo in col_values] for r in row_values],
+    combos = sorted({tuple(v) for v in results[cols].itertuples(index=False)}, key=lambda t: [_sort_key(x) for x in t])
+    combos = combos if cols else [()]
+    labels, keys = [], []
+    for combo in combos:
+        for m in metrics:
+            parts = [_label(a, v) for a, v in zip(cols, combo)] + ([m] if len(metrics) > 1 or not cols else [])
+            labels.append(", ".join(parts))
+            keys.append(combo + (m,))
+    return pd.DataFrame([[cells.get((r,) + k, MISSING) for k in keys] for r in row_values],
                         index=pd.Index([str(r) for r in row_values], name=rows.split(".")[-1]), columns=labels)
+
+
+def add_references(table: pd.DataFrame, reference: dict | None, study_path: str) -> pd.DataFrame:
+    """Print paper numbers beside ours: '92.1 (paper 92.8, -0.7)' in the cells the study maps."""
+    if not reference:
+        return table
+    path = Path(reference["file"])
+    if not path.is_absolute():
+        path = Path(study_path).parent / "references" / path
+    if not path.exists():
+        raise FileNotFoundError(f"reference file {path} not found (table.reference.file in {study_path})")
+    paper = pd.read_csv(path)
+    table = table.copy()
+    for cell in reference.get("cells", []):
+        match = paper[paper["setting"] == cell["setting"]]
+        if match.empty:
+            raise ValueError(f"{path}: no row with setting {cell['setting']!r}")
+        if cell["row"] not in table.index or cell["column"] not in table.columns:
+            continue
+        value = float(match["value"].iloc[0])
+        ours = table.loc[cell["row"], cell["column"]]
+        try:
+            delta = f", {float(ours.split()[0]) - value:+.1f}"
+        except ValueError:
+            delta = ""
+        table.loc[cell["row"], cell["column"]] = f"{ours} (paper {value:.1f}{delta})"
+    return table
 
 
 def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str | None]:
@@ -84,14 +134,18 @@ def head_table(results: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return table.rename(columns=lambda c: c.removeprefix("test/acc/")).round(1)
 
 
-def write_tables(table: pd.DataFrame, heads: pd.DataFrame, out: Path, title: str, metric: str) -> None:
-    md = f"# {title}\n\n{metric} (top-1 %, mean ± std over seeds)\n\n{table.to_markdown()}\n"
+def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFrame, out: Path, title: str) -> None:
+    """table.md holds every table; each also as CSV and LaTeX (table.csv, or table_<name>.csv when named)."""
+    md = f"# {title}\n\nTop-1 % (mean ± std over seeds)\n"
+    for name, (table, metric) in tables.items():
+        md += f"\n## {name or metric}\n\n{table.to_markdown()}\n"
+        stem = f"table_{name}" if name else "table"
+        atomic_write_bytes(out / f"{stem}.csv", table.to_csv().encode())
+        caption = f"{title}{': ' + name if name else ''} (top-1 \\%)"
+        atomic_write_bytes(out / f"{stem}.tex", table.to_latex(escape=True, caption=caption).encode())
     if not heads.empty:
         md += f"\n## Accuracy of every head (%)\n\n{heads.to_markdown()}\n"
     atomic_write_bytes(out / "table.md", md.encode())
-    atomic_write_bytes(out / "table.csv", table.to_csv().encode())
-    tex = table.to_latex(escape=True, caption=f"{title}: {metric} (top-1 \\%)")
-    atomic_write_bytes(out / "table.tex", tex.encode())
 
 
 def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], rows: str | None,
@@ -154,19 +208,34 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     results = pd.read_parquet(results_file)
     curves_file = run_dir / "curves.parquet"
     curves = pd.read_parquet(curves_file) if curves_file.exists() else pd.DataFrame()
-    axes = list(study.get("grid") or {})
-    table_spec = study.get("table") or {}
-    rows = table_spec.get("rows") or (axes[0] if axes else "seed")
-    columns = table_spec.get("columns") or [a for a in axes if a != rows] or None
-    metric = table_spec.get("metric", "test/acc")
+    grids = study.get("grids") or {}
+    axes = list(dict.fromkeys([*(study.get("grid") or {})] + [a for g in grids.values() for a in g]))
+    specs = study.get("tables") or ({"": study["table"]} if study.get("table") else {})
+    if not specs:
+        first = axes[0] if axes else "seed"
+        specs = {"": {"rows": first, "columns": [a for a in axes if a != first] or None}}
     out.mkdir(parents=True, exist_ok=True)
     if results.empty:
         atomic_write_bytes(out / "table.md", f"# {study['name']}\n\nno results yet\n".encode())
         return out
-    table = paper_table(results, rows, columns, metric)
-    title = f"{study['name']} ({study['profile']} profile)"
-    write_tables(table, head_table(results, axes), out, title, metric)
-    write_plots(results, curves, axes, rows, columns, metric, out)
+    tables = {}
+    for name, spec in specs.items():
+        subset, subset_curves = results, curves
+        if spec.get("grid"):
+            member = results["grids"].map(lambda g: spec["grid"] in json.loads(g or "[]"))
+            subset = results[member]
+            if not curves.empty:
+                subset_curves = curves[curves["trial_id"].isin(subset["trial_id"])]
+        metric = spec.get("metric", "test/acc")
+        table = paper_table(subset, spec["rows"], spec.get("columns"), metric)
+        tables[name] = (add_references(table, spec.get("reference"), study.get("path", "")), metric)
+        first_metric = metric if isinstance(metric, str) else metric[0]
+        plot_dir = out / name if name else out
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        columns = spec.get("columns")
+        plot_axes = [spec["rows"]] + ([columns] if isinstance(columns, str) else list(columns or []))
+        write_plots(subset, subset_curves, plot_axes, spec["rows"], columns, first_metric, plot_dir)
+    write_tables(tables, head_table(results, axes), out, f"{study['name']} ({study['profile']} profile)")
     summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
                "failed": int((results["status"] == FAILED).sum())}
     atomic_write_bytes(out / "summary.json", json.dumps(summary).encode())

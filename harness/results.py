@@ -105,7 +105,7 @@ class ResultStore:
         cfg = spec.config
         row = {"trial_id": spec.trial_id, "status": status, "error": error, "study": spec.study,
                "profile": spec.profile, "method": cfg["method"]["name"], "dataset": cfg["dataset"]["name"],
-               "backbone": cfg["backbone"]["name"], "seed": cfg["seed"],
+               "backbone": cfg["backbone"]["name"], "seed": cfg["seed"], "grids": json.dumps(spec.grids),
                **{axis: _plain(value) for axis, value in spec.axes.items()},
                **{k: v for k, v in metrics.items() if k not in ("status", "error", "kind", "trial_id")},
                **self._versions, "config": json.dumps(cfg, sort_keys=True)}

@@ -68,10 +68,24 @@ class Resources(Strict):
     gpu: float = Field(0.0, ge=0.0)
 
 
+class ReferenceCell(Strict):
+    row: str = Field(..., description="the table row (the axis value as printed)")
+    column: str = Field(..., description="the column label as printed, e.g. test/acc/S3 or jigsaw=True")
+    setting: str = Field(..., description="the `setting` of a row of the reference CSV")
+
+
+class Reference(Strict):
+    file: str = Field(..., description="a CSV of paper numbers (studies/references/<paper>.csv)")
+    cells: list[ReferenceCell] = Field(default_factory=list)
+
+
 class TableSpec(Strict):
     rows: str = Field(..., description="a grid axis (dotted path) for the table's rows")
     columns: str | list[str] | None = Field(None, description="a grid axis, or several, for the columns")
-    metric: str = Field("test/acc", description="a metric column of results.parquet")
+    metric: str | list[str] = Field("test/acc", description="a metric column of results.parquet; a list "
+                                                            "puts one column per metric (e.g. every head)")
+    grid: str | None = Field(None, description="with `grids:`, the named grid whose trials the table shows")
+    reference: Reference | None = Field(None, description="paper numbers to print beside ours")
 
 
 class MethodSection(BaseModel):
@@ -87,9 +101,13 @@ class Study(Strict):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict, description=(
+        "named grids whose trials are pooled (one-factor ablations around the base); a trial in "
+        "several grids runs once"))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     resources: Resources = Field(default_factory=Resources)
     table: TableSpec | None = None
+    tables: dict[str, TableSpec] = Field(default_factory=dict, description="several named tables")
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     # Set by load_study, not by the file.
@@ -127,7 +145,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         renamed = (key in ("method", "dataset") and isinstance(value, dict) and isinstance(out.get(key), dict)
                    and value.get("name", out[key].get("name")) != out[key].get("name"))
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "grid" and not renamed:
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("grid", "grids") and not renamed:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

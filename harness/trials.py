@@ -22,7 +22,8 @@ from harness import MATH_VERSION
 from harness.backbones import BackboneConfig
 from harness.data import DATASETS
 from harness.plugin import METHODS
-from harness.study import SECTIONS_IN_GRID, Study, StudyError, TrainConfig, Where, _format_errors, set_dotted
+from harness.study import (SECTIONS_IN_GRID, Study, StudyError, TrainConfig, Where, _format_errors, get_dotted,
+                           set_dotted)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class TrialSpec:
     config: dict  # {"method", "dataset", "backbone", "train", "seed"}: plain JSON data
     axes: dict[str, Any] = field(default_factory=dict)  # grid axis (dotted) -> value
     resources: dict = field(default_factory=dict)
+    grids: list[str] = field(default_factory=list)  # the named grids this trial belongs to
 
     @property
     def label(self) -> str:
@@ -47,7 +49,7 @@ class ResolvedStudy:
 
     @property
     def axes(self) -> list[str]:
-        return list(self.study.grid)
+        return all_axes(self.study)
 
     @property
     def name(self) -> str:
@@ -56,6 +58,12 @@ class ResolvedStudy:
     @property
     def profile(self) -> str:
         return self.study.profile
+
+
+def all_axes(study: Study) -> list[str]:
+    """Every grid axis of the study, in order of first appearance."""
+    grids = [study.grid] + list(study.grids.values())
+    return list(dict.fromkeys(axis for grid in grids for axis in grid))
 
 
 def trial_identity(config: dict) -> str:
@@ -119,6 +127,14 @@ def _validate_sections(config: dict, where: Where, context: str) -> dict:
     return out
 
 
+def _axis_value(config: dict, axis: str) -> Any:
+    """A trial's value on an axis, read from its resolved config (so pooled grids fill every axis)."""
+    try:
+        return get_dotted(config, axis)
+    except (KeyError, TypeError):
+        return None
+
+
 def resolve(study: Study, where: Where) -> ResolvedStudy:
     base = {
         "method": study.method.model_dump(),
@@ -128,30 +144,47 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
     }
     _validate_sections(base, where, "")
     models = _section_models(base)
-    for axis, values in study.grid.items():
-        _check_axis(axis, values, models, where)
-    if study.table is not None:
+    if study.grid and study.grids:
+        raise StudyError(f"{where.at(('grids',))}give either grid: (one grid) or grids: (several named grids), not both")
+    named = dict(study.grids) or {"": study.grid}
+    for name, grid in named.items():
+        for axis, values in grid.items():
+            _check_axis(axis, values, models, where)
+    axes = all_axes(study)
+    tables = dict(study.tables) or ({"": study.table} if study.table else {})
+    for tname, table in tables.items():
+        at = ("tables", tname) if tname else ("table",)
+        if study.grids and table.grid not in study.grids:
+            raise StudyError(f"{where.at(at)}table {tname or ''} needs grid: one of {', '.join(study.grids)}")
+        table_axes = study.grids[table.grid] if study.grids else study.grid
         for role in ("rows", "columns"):
-            value = getattr(study.table, role)
+            value = getattr(table, role)
             for axis in ([value] if isinstance(value, str) else value or []):
-                if axis not in study.grid and axis != "seed":
-                    raise StudyError(f"{where.at(('table', role))}table.{role} '{axis}' is not a grid axis "
-                                     f"(grid axes: {', '.join(study.grid) or 'none'})")
+                if axis not in table_axes and axis != "seed":
+                    raise StudyError(f"{where.at(at + (role,))}table.{role} '{axis}' is not a grid axis "
+                                     f"(grid axes: {', '.join(table_axes) or 'none'})")
 
-    trials, seen = [], set()
-    axes = list(study.grid)
-    for combo in itertools.product(*(study.grid[a] for a in axes)):
-        config = copy.deepcopy(base)
-        for axis, value in zip(axes, combo):
-            set_dotted(config, axis, value)
-        context = f"\n  (in the trial with {', '.join(f'{a}={v!r}' for a, v in zip(axes, combo))})" if axes else ""
-        resolved = _validate_sections(config, where.in_grid(), context)
-        for seed in study.seeds:
-            full = {**resolved, "seed": seed}
-            trial_id = trial_identity(full)
-            if trial_id in seen:
-                continue
-            seen.add(trial_id)
-            trials.append(TrialSpec(trial_id=trial_id, study=study.name, profile=study.profile, config=full,
-                                    axes=dict(zip(axes, combo)), resources=study.resources.model_dump()))
+    trials: list[TrialSpec] = []
+    by_id: dict[str, TrialSpec] = {}
+    for name, grid in named.items():
+        grid_axes = list(grid)
+        for combo in itertools.product(*(grid[a] for a in grid_axes)):
+            config = copy.deepcopy(base)
+            for axis, value in zip(grid_axes, combo):
+                set_dotted(config, axis, value)
+            context = (f"\n  (in the trial with {', '.join(f'{a}={v!r}' for a, v in zip(grid_axes, combo))})"
+                       if grid_axes else "")
+            resolved = _validate_sections(config, where.in_grid(), context)
+            for seed in study.seeds:
+                full = {**resolved, "seed": seed}
+                trial_id = trial_identity(full)
+                if trial_id in by_id:  # the same trial in another named grid: run it once
+                    if name and name not in by_id[trial_id].grids:
+                        by_id[trial_id].grids.append(name)
+                    continue
+                values = {axis: _axis_value(full, axis) for axis in axes}
+                spec = TrialSpec(trial_id=trial_id, study=study.name, profile=study.profile, config=full,
+                                 axes=values, resources=study.resources.model_dump(), grids=[name] if name else [])
+                by_id[trial_id] = spec
+                trials.append(spec)
     return ResolvedStudy(study=study, trials=trials)

@@ -54,3 +54,20 @@ def test_numeric_rows_sort_as_numbers():
     df = pd.DataFrame({"method.attention_maps": pd.array([1, 16, 32, 4], dtype="int64"), "seed": 0,
                        "status": "finished", "test/acc": 0.5})
     assert list(paper_table(df, "method.attention_maps", None, "test/acc").index) == ["1", "4", "16", "32"]
+
+
+def test_metric_columns_and_references(tmp_path):
+    from harness.report import add_references
+    df = pd.DataFrame([{"method.distillation": d, "seed": 0, "status": "finished", "test/acc/S3": 0.5 + i / 10,
+                        "test/acc/S4": 0.6 + i / 10} for i, d in enumerate(["decision", "none"])])
+    table = paper_table(df, "method.distillation", None, ["test/acc/S3", "test/acc/S4"])
+    assert list(table.columns) == ["test/acc/S3", "test/acc/S4"]
+    assert table.loc["none", "test/acc/S4"] == "70.0"
+    refs = tmp_path / "references"
+    refs.mkdir()
+    (refs / "p.csv").write_text("paper,table,dataset,backbone,method,setting,metric,value,source\n"
+                                "P,t,cub200,x,m,kd=none head=S4,top1,92.1,text\n")
+    spec = {"file": "p.csv", "cells": [{"row": "none", "column": "test/acc/S4", "setting": "kd=none head=S4"}]}
+    with_ref = add_references(table, spec, str(tmp_path / "study.yaml"))
+    assert with_ref.loc["none", "test/acc/S4"] == "70.0 (paper 92.1, -22.1)"
+    assert with_ref.loc["decision", "test/acc/S4"] == "60.0"

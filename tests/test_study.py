@@ -167,3 +167,27 @@ def test_paper_profile_resolves_the_authors_protocol(monkeypatch):
     m = cfg["method"]
     assert (m["feature_size"], m["stage_dim"], m["backbone_lr_scale"], m["early_exit"]) == (512, 1024, 0.1, False)
     assert len(study.trials) == 30  # 5 x 2 x 3 seeds
+
+
+def test_named_grids_pool_trials_and_share_the_base(tmp_path):
+    text = BASE.replace("method: {name: pmg}", "method: {name: mksmt}") + (
+        "grids:\n  steps: {method.steps: [1, 2, 3]}\n  temperature: {method.temperature: [1, 4]}\n"
+        "tables:\n  steps: {grid: steps, rows: method.steps, metric: [test/acc/S3, test/acc/S4]}\n")
+    study = load_study(write(tmp_path, text))
+    assert len(study.trials) == 4  # 3 + 2, the base (steps 2, T 1) once
+    base = [t for t in study.trials if t.config["method"]["steps"] == 2 and t.config["method"]["temperature"] == 1]
+    assert len(base) == 1 and sorted(base[0].grids) == ["steps", "temperature"]
+    assert all(set(t.axes) == {"method.steps", "method.temperature"} for t in study.trials)
+    with pytest.raises(StudyError, match="needs grid: one of steps, temperature"):
+        load_study(write(tmp_path, text.replace("{grid: steps, ", "{")))
+    with pytest.raises(StudyError, match="either grid: .* or grids:"):
+        load_study(write(tmp_path, text + "grid: {method.steps: [1]}\n"))
+
+
+def test_mksmt_study_and_its_paper_references(monkeypatch):
+    study = load_study("studies/mksmt_ablation.yaml")
+    assert len(study.trials) == 12
+    monkeypatch.setenv("CUB200_ROOT", "/data/CUB_200_2011")
+    paper = load_study("studies/mksmt_ablation.yaml", profile="paper")
+    assert paper.study.tables["distillation"].reference.file == "mksmt.csv"
+    assert paper.trials[0].config["backbone"]["name"].startswith("swin_large_patch4_window12_384")
