@@ -2,7 +2,8 @@
 
 Training-only modules (e.g. a head used only for distillation) are not counted: parameters are
 those of the modules that run during one `predict` call, found with forward hooks; FLOPs come from
-torch's own FlopCounterMode (2 per multiply-accumulate) on one image at the test size.
+torch's own FlopCounterMode (2 per multiply-accumulate of convolutions and matrix products; it does
+not count element-wise work such as an attention gate's multiply) on one image at the test size.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def inference_complexity(method: Method, image_size: int, device: torch.device |
         method.train(was_training)
     params: dict[int, nn.Parameter] = {}
     for module in method.modules():
-        if id(module) in used:
+        # The method object's own direct parameters (not in a submodule) are training state, such
+        # as learned class centres; what predict runs lives in submodules.
+        if id(module) in used and module is not method:
             for p in module.parameters(recurse=False):
                 params[id(p)] = p
     return {"inference/params": float(sum(p.numel() for p in params.values())),

@@ -44,11 +44,13 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 def lr_factor(train: TrainConfig, epoch: int) -> float:
     """Per-epoch multiplier of each group's base lr. Cosine as the PMG authors: (cos(pi*t/T) + 1) / 2;
-    step as WS-DAN's: gamma^(t // step_size)."""
+    step as WS-DAN's: gamma^(t // step_size); poly as AAM's: lr -> end_lr with (1 - t/T)^power."""
     if train.schedule == "cosine":
         return (math.cos(math.pi * epoch / train.epochs) + 1) / 2
     if train.schedule == "step":
         return train.gamma ** (epoch // train.step_size)
+    if train.schedule == "poly":  # AAM: from lr down to end_lr, (1 - t/T)^power
+        return ((1 - epoch / train.epochs) ** train.poly_power * (train.lr - train.end_lr) + train.end_lr) / train.lr
     return 1.0
 
 
@@ -185,6 +187,7 @@ def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
         final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip"))
         final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip"))
     final.update(inference_complexity(method, train.image_size, device))
+    final.update(method.extra_metrics())
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,
                   "wall_time_s": time.perf_counter() - wall_start, "optimizer_steps": steps.count,
                   "params": n_params, "device": str(device), "num_classes": imageset.num_classes,

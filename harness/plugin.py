@@ -102,6 +102,10 @@ class Method(nn.Module):
         """Logits of every named head, (B, C) each; must include `primary_head`."""
         raise NotImplementedError
 
+    def extra_metrics(self) -> dict[str, float]:
+        """Method-specific numbers for the results row (e.g. the parameters an attention module adds)."""
+        return {}
+
 
 METHODS: Registry[Method] = Registry("method", Method, "methods", "fgvc_harness.methods")
 register_method = METHODS.register

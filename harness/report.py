@@ -28,7 +28,7 @@ def _number(value: float) -> str:
         return f"{value / 1e6:.2f}M"
     if abs(value) >= 1e4:
         return f"{value / 1e3:.1f}k"
-    return f"{value:.3g}"
+    return f"{value:.4g}"
 
 
 def _cell(values: pd.Series, statuses: pd.Series, percent: bool = True) -> str:

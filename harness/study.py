@@ -46,8 +46,11 @@ class TrainConfig(Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     nesterov: bool = False
-    schedule: Literal["cosine", "step", "constant"] = Field(
-        "cosine", description="cosine: lr/2*(cos(pi*epoch/epochs)+1); step: lr*gamma^(epoch//step_size)")
+    schedule: Literal["cosine", "step", "poly", "constant"] = Field(
+        "cosine", description="cosine: lr/2*(cos(pi*epoch/epochs)+1); step: lr*gamma^(epoch//step_size); "
+                              "poly: end_lr + (lr - end_lr)*(1 - epoch/epochs)^poly_power")
+    poly_power: float = Field(0.9, gt=0.0)
+    end_lr: float = Field(1e-6, ge=0.0, description="final lr of the poly schedule")
     step_size: int = Field(2, ge=1, description="epochs per decay of the step schedule")
     gamma: float = Field(0.9, gt=0.0, le=1.0, description="decay factor of the step schedule")
     grad_clip: float | None = Field(None, gt=0.0)

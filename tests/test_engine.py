@@ -67,3 +67,7 @@ def test_schedules_are_the_authors():
     step = TrainConfig(schedule="step", step_size=2, gamma=0.9)
     assert [lr_factor(step, t) for t in range(5)] == pytest.approx([1, 1, 0.9, 0.9, 0.81])
     assert lr_factor(TrainConfig(schedule="constant"), 7) == 1.0
+    # AAM: poly from 1e-4 towards 1e-6.
+    poly = TrainConfig(schedule="poly", lr=1e-4, end_lr=1e-6, poly_power=0.9, epochs=200)
+    assert lr_factor(poly, 0) == pytest.approx(1.0)
+    assert 1e-4 * lr_factor(poly, 199) == pytest.approx(1e-6 + (1e-4 - 1e-6) * (1 / 200) ** 0.9)

@@ -191,3 +191,13 @@ def test_mksmt_study_and_its_paper_references(monkeypatch):
     paper = load_study("studies/mksmt_ablation.yaml", profile="paper")
     assert paper.study.tables["distillation"].reference.file == "mksmt.csv"
     assert paper.trials[0].config["backbone"]["name"].startswith("swin_large_patch4_window12_384")
+
+
+@pytest.mark.parametrize("study", ["pmg_ablation", "wsdan_ablation", "mksmt_ablation", "aam_ablation"])
+def test_every_shipped_study_validates_in_both_profiles(study, monkeypatch):
+    monkeypatch.setenv("CUB200_ROOT", "/data/CUB_200_2011")
+    default = load_study(f"studies/{study}.yaml")
+    paper = load_study(f"studies/{study}.yaml", profile="paper")
+    assert default.trials and paper.trials
+    assert all(t.config["dataset"]["name"] == "synthfg" for t in default.trials)
+    assert all(t.config["dataset"]["name"] == "cub200" for t in paper.trials)

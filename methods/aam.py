@@ -1,0 +1,135 @@
+"""AAM plugin: a ResNet with an attention module after each residual stage, and its losses.
+
+The chosen module (none, SE, ECA, CBAM, AAM; methods/attention_modules.py) is inserted after the
+residual stages named by `placement` (backbone stage indices; default every residual stage, e.g.
+layer1..layer4 of a timm ResNet). Classification: global average pooling of the last stage and a
+linear layer. Loss (`loss`):
+- "ce": cross-entropy;
+- "center": CE + center_weight * center loss (Wen et al.): mean over the batch of
+  ||f - c_y||^2 / 2 on the pooled features, the class centres learned with the network;
+- "cc": CE + mu * (L_dis - eta * L_div), the cross-channel loss of the AAM article in the
+  mutual-channel loss form (Chang et al., 2020), our interpretation: the last stage's channels are
+  split into one group of xi = C // classes channels per class (the first xi * classes channels);
+  L_dis: channel-wise attention (in training, a random half of each group's channels is zeroed;
+  the mask is drawn from the trial's generator), cross-channel max pooling within each group,
+  global average pooling -> (B, classes) logits -> CE; L_div: softmax over the spatial positions
+  of each channel, cross-channel max pooling within each group, sum over positions, mean over
+  classes (in [1, xi]: how spread out the group's channels attend) -> maximised. mu = 0.01, eta a
+  dataset-dependent parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from harness.backbones import StagedBackbone
+from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
+from methods.attention_modules import build_attention
+
+
+class AAMParams(MethodParams):
+    name: str = "aam"
+    module: Literal["none", "se", "eca", "cbam", "aam"] = Field("aam", description="attention module to insert")
+    k: int = Field(3, ge=1, le=9, description="channel neighbourhood of ECA and AAM (odd, <= 9)")
+    fusion: Literal["sum", "joint"] = Field("sum", description="AAM: F*Mc + F*Ms, or F*sigmoid(mc + ms)")
+    spatial_kernel: Literal[3, 7] = Field(7, description="spatial conv of CBAM and AAM")
+    reduction: int = Field(16, ge=1, description="MLP reduction r of SE and CBAM")
+    placement: list[int] | None = Field(None, description="backbone stages followed by the module "
+                                                          "(default: every stage after the stem)")
+    loss: Literal["ce", "center", "cc"] = Field("cc", description="CE, CE + center loss, or CE + cross-channel loss")
+    mu: float = Field(0.01, ge=0.0, description="weight of the cross-channel loss")
+    eta: float = Field(10.0, ge=0.0, description="weight of the diversity term (dataset-dependent)")
+    center_weight: float = Field(0.01, ge=0.0, description="weight of the center loss")
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
+
+
+def cross_channel_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int, eta: float,
+                       generator: torch.Generator | None = None, training: bool = True) -> tuple[torch.Tensor, ...]:
+    """(L_dis - eta * L_div, L_dis, L_div) on (B, C, H, W) features; see the module docstring."""
+    b, c, h, w = features.shape
+    xi = c // num_classes
+    if xi < 1:
+        raise ValueError(f"the cross-channel loss needs >= 1 channel per class: {c} channels for {num_classes} classes")
+    grouped = features[:, :xi * num_classes].reshape(b, num_classes, xi, h * w)  # (B, classes, xi, HW)
+    if training and xi > 1:  # channel-wise attention: keep a random half of each group's channels
+        keep = torch.rand(num_classes, xi, generator=generator).argsort(1) < (xi + 1) // 2
+        grouped_dis = grouped * keep.to(grouped.device, grouped.dtype)[None, :, :, None]
+    else:
+        grouped_dis = grouped
+    logits = grouped_dis.amax(2).mean(2)  # cross-channel max pooling, then GAP -> (B, classes)
+    l_dis = F.cross_entropy(logits, labels)
+    attention = grouped.float().softmax(3)  # each channel's distribution over positions
+    l_div = attention.amax(2).sum(2).mean()  # in [1, xi]
+    return l_dis - eta * l_div, l_dis, l_div
+
+
+@register_method("aam")
+class AAMNet(Method):
+    Params = AAMParams
+    primary_head = "linear"
+    heads = ("linear",)
+
+    def __init__(self, backbone: StagedBackbone, num_classes: int, params: AAMParams):
+        super().__init__(backbone, num_classes, params)
+        self.validate_with(params, backbone.num_stages)
+        placement = params.placement or list(range(1, backbone.num_stages))
+        names = [n for n in backbone.body.keys() if n in (backbone._return_layers or {})]
+        self.attention = nn.ModuleDict()
+        for stage in placement:  # wrap the stage's module: its output (the stage feature) is refined
+            module = build_attention(params.module, backbone.channels[stage], params.k, params.reduction,
+                                     params.spatial_kernel, params.fusion)
+            self.attention[str(stage)] = module
+            backbone.body[names[stage]] = nn.Sequential(backbone.body[names[stage]], module)
+        channels = backbone.channels[-1]
+        self.fc = nn.Linear(channels, num_classes)
+        if params.loss == "center":
+            self.centers = nn.Parameter(torch.zeros(num_classes, channels))
+
+    @classmethod
+    def validate_with(cls, params: AAMParams, num_stages: int) -> None:
+        if params.module in ("eca", "aam") and params.k % 2 == 0:
+            raise ValueError(f"method.k={params.k}: the channel neighbourhood must be odd (1, 3, 5, 7 or 9)")
+        bad = [s for s in params.placement or [] if not 0 <= s < num_stages]
+        if bad:
+            raise ValueError(f"method.placement {bad}: stages are 0..{num_stages - 1} for this backbone")
+
+    def param_groups(self) -> list[dict]:
+        inserted = list(self.attention.parameters())  # they live inside the backbone's stages too
+        ids = {id(p) for p in inserted}
+        body = [p for p in self.backbone.parameters() if id(p) not in ids]
+        new = inserted + list(self.fc.parameters()) + ([self.centers] if self.params.loss == "center" else [])
+        return [{"name": "new_layers", "params": new, "lr_scale": 1.0},
+                {"name": "backbone", "params": body, "lr_scale": self.params.backbone_lr_scale}]
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {"attention/params": float(sum(p.numel() for p in self.attention.parameters()))}
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(images)[-1]  # (B, C, h, w), refined by the inserted modules
+        return self.fc(features.mean((2, 3))), features
+
+    def training_step(self, images: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps,
+                      generator: torch.Generator | None = None) -> dict[str, float]:
+        p = self.params
+        logits, features = self(images)
+        ce = F.cross_entropy(logits, labels)
+        losses = {"loss/ce": float(ce.detach())}
+        loss = ce
+        if p.loss == "center":
+            center = ((features.mean((2, 3)).float() - self.centers[labels]) ** 2).sum(1).mean() / 2
+            losses["loss/center"] = float(center.detach())
+            loss = loss + p.center_weight * center
+        elif p.loss == "cc":
+            cc, l_dis, l_div = cross_channel_loss(features, labels, self.num_classes, p.eta, generator)
+            losses.update({"loss/dis": float(l_dis.detach()), "loss/div": float(l_div.detach())})
+            loss = loss + p.mu * cc
+        losses["loss"] = steps.step(loss)
+        return losses
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"linear": self(images)[0]}

@@ -1,0 +1,78 @@
+"""The AAM plugin: modules after each residual stage, CE / center / cross-channel losses."""
+
+import pytest
+import torch
+
+from harness.backbones import BackboneConfig, build_backbone
+from harness.engine import build_optimizer
+from harness.plugin import OptimizerSteps
+from harness.study import TrainConfig
+from methods.aam import AAMNet, AAMParams, cross_channel_loss
+from methods.attention_modules import AAM
+
+CLASSES = 8
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return AAMNet(build_backbone(BackboneConfig(name="resnet18")), CLASSES, AAMParams(**kw))
+
+
+def test_module_after_each_residual_stage():
+    model = make(module="aam", k=5)
+    for name, channels in (("layer1", 64), ("layer2", 128), ("layer3", 256), ("layer4", 512)):
+        stage = model.backbone.body[name]
+        assert isinstance(stage[1], AAM)
+    assert model.extra_metrics()["attention/params"] == 4 * (5 + 2 * 49)
+    assert make(module="none").extra_metrics()["attention/params"] == 0
+    assert "stem" not in model.attention and list(model.attention) == ["1", "2", "3", "4"]
+    only_last = make(module="se", placement=[4])
+    assert list(only_last.attention) == ["4"]
+
+
+def test_every_parameter_is_in_exactly_one_group():
+    for loss in ("ce", "center", "cc"):
+        model = make(module="cbam", loss=loss)
+        grouped = [id(p) for g in model.param_groups() for p in g["params"]]
+        assert len(grouped) == len(set(grouped)) == len(list(model.parameters()))
+
+
+def test_cross_channel_loss_terms():
+    features = torch.randn(4, 32, 5, 5)
+    labels = torch.tensor([0, 1, 2, 3])
+    total, dis, div = cross_channel_loss(features, labels, 8, eta=10.0, training=False)
+    assert torch.isfinite(total) and 1.0 <= div <= 4.0  # xi = 32 // 8 = 4 channels per class
+    assert torch.allclose(total, dis - 10.0 * div)
+    # Identical channels inside a group attend to the same place: diversity is at its minimum, 1.
+    same = features[:, :8].repeat_interleave(4, dim=1)
+    assert torch.allclose(cross_channel_loss(same, labels, 8, 1.0, training=False)[2], torch.tensor(1.0))
+    with pytest.raises(ValueError, match="channel per class"):
+        cross_channel_loss(torch.randn(2, 4, 3, 3), torch.tensor([0, 1]), 8, 1.0)
+
+
+@pytest.mark.parametrize("loss,terms", [("ce", {"loss/ce"}), ("center", {"loss/ce", "loss/center"}),
+                                        ("cc", {"loss/ce", "loss/dis", "loss/div"})])
+def test_losses_finite_and_decrease_on_a_tiny_overfit(loss, terms):
+    model = make(module="aam", loss=loss, center_weight=1.0, mu=0.1).train()
+    steps = OptimizerSteps(build_optimizer(model, TrainConfig(lr=0.05, weight_decay=0.0)))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 3, 32, 32, generator=g), torch.arange(8) % CLASSES
+    history = [model.training_step(x, y, steps, torch.Generator().manual_seed(1)) for _ in range(15)]
+    assert terms | {"loss"} <= set(history[0])
+    assert all(torch.isfinite(torch.tensor(v)) for h in history for v in h.values())
+    assert history[-1]["loss/ce"] < history[0]["loss/ce"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    if loss == "center":
+        assert history[-1]["loss/center"] < history[0]["loss/center"] or history[0]["loss/center"] == 0
+
+
+def test_even_k_is_rejected():
+    with pytest.raises(ValueError, match="must be odd"):
+        make(module="aam", k=4)
+
+
+def test_inference_complexity_leaves_out_training_state():
+    from harness.complexity import inference_complexity
+    with_centers, plain = make(module="se", loss="center"), make(module="se", loss="ce")
+    assert inference_complexity(with_centers, 32)["inference/params"] == inference_complexity(plain, 32)["inference/params"]
+    assert inference_complexity(plain, 32)["inference/params"] == sum(p.numel() for p in plain.parameters())
