@@ -51,9 +51,13 @@ class RunSummary:
     interrupted: bool = False
 
 
+def stored_size(config: dict) -> int:
+    """The size a trial's dataset is decoded at (train.resize, else the crop size)."""
+    return config["train"]["resize"] or config["train"]["image_size"]
+
+
 def dataset_key(config: dict) -> str:
-    return json.dumps({"dataset": config["dataset"], "size": config["train"]["resize"] or config["train"]["image_size"]},
-                      sort_keys=True)
+    return json.dumps({"dataset": config["dataset"], "size": stored_size(config)}, sort_keys=True)
 
 
 def _trainable(config: dict, datasets: dict) -> None:
@@ -125,7 +129,7 @@ class _StoreCallback(tune.Callback):
         self.log(f"FAILED {self.specs[trial_id].label}: {error}")
 
 
-_TUNE_KEYS = {"kind", "traceback", "timestamp", "checkpoint_dir_name", "should_checkpoint", "done",
+_TUNE_KEYS = {"kind", "timestamp", "checkpoint_dir_name", "should_checkpoint", "done",
               "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s", "pid", "hostname",
               "node_ip", "config", "time_since_restore", "iterations_since_restore", "experiment_tag"}
 
@@ -173,7 +177,7 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
         key = dataset_key(spec.config)
         if key not in imagesets:
             params = DATASETS.get(spec.config["dataset"]["name"]).Params.model_validate(spec.config["dataset"])
-            imagesets[key] = load_imageset(params, spec.config["train"]["resize"] or spec.config["train"]["image_size"])
+            imagesets[key] = load_imageset(params, stored_size(spec.config))
 
     t0 = time.perf_counter()
     start_ray(address, num_cpus)
