@@ -27,16 +27,19 @@ def read_table(path: Path) -> list[list[str]]:
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
 
 
-def decode_one(path: Path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(3, size, size) uint8 and the original (width, height)."""
+def decode_one(path: Path, size: int, crop_bottom: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """(3, size, size) uint8 and the original (width, height). `crop_bottom` px are cut first
+    (FGVC-Aircraft's copyright banner)."""
     with Image.open(path) as im:
         original = im.size
         im = im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
+        if crop_bottom:
+            im = im.crop((0, 0, im.width, im.height - crop_bottom))
         im = im.resize((size, size), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1), original
 
 
-def decode_all(paths: list[Path], size: int, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+def decode_all(paths: list[Path], size: int, dataset: str, crop_bottom: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3, size, size) uint8 square-resized, and (N, 2) original (width, height).
 
     Every missing or undecodable path is listed in one error, not just the first.
@@ -47,7 +50,7 @@ def decode_all(paths: list[Path], size: int, dataset: str) -> tuple[np.ndarray, 
 
     def work(i: int) -> None:
         try:
-            out[i], originals[i] = decode_one(paths[i], size)
+            out[i], originals[i] = decode_one(paths[i], size, crop_bottom)
         except FileNotFoundError:
             problems.append(f"missing: {paths[i]}")
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a corrupt file

@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data import DatasetFamily, register_dataset
-from harness.data._decode import DatasetError, decode_all, read_table, require
-from harness.data.imageset import ImageSet, Split
+from harness.data._decode import DatasetError, read_table, require
+from harness.data._split_builder import build_imageset
+from harness.data.imageset import ImageSet
 
 
 class CUB200Params(BaseModel):
@@ -51,22 +51,11 @@ class CUB200(DatasetFamily):
             raise DatasetError(f"cub200: image ids {missing[:10]} are not listed in all of images.txt, "
                                f"image_class_labels.txt and train_test_split.txt under {root}")
         boxes_file = root / "bounding_boxes.txt"
-        boxes = {int(r[0]): [float(v) for v in r[1:5]] for r in read_table(boxes_file)} if boxes_file.exists() else None
-
-        splits = {}
+        boxes = {int(r[0]): tuple(float(v) for v in r[1:5]) for r in read_table(boxes_file)} if boxes_file.exists() else None
+        items, split_boxes = {}, {}
         for split, flag in (("train", True), ("test", False)):
             ids = sorted(i for i in paths if is_train[i] == flag)
-            images, originals = decode_all([root / "images" / paths[i] for i in ids], size, "cub200")
-            split_boxes = None
-            if boxes is not None:
-                split_boxes = np.full((len(ids), 1, 4), -1.0, dtype=np.float32)
-                for k, i in enumerate(ids):
-                    if i in boxes:
-                        x, y, w, h = boxes[i]
-                        sx, sy = size / originals[k, 0], size / originals[k, 1]  # into the stored square frame
-                        split_boxes[k, 0] = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
-            splits[split] = Split(images=images, labels=np.array([labels[i] for i in ids], dtype=np.int64),
-                                  boxes=split_boxes)
-        return ImageSet(name="cub200", num_classes=len(names), class_names=names, train=splits["train"],
-                        test=splits["test"], part_names=("object",) if boxes is not None else (),
-                        meta={"root": str(root)})
+            items[split] = [(root / "images" / paths[i], labels[i]) for i in ids]
+            split_boxes[split] = [boxes.get(i) for i in ids] if boxes is not None else None
+        return build_imageset("cub200", size, names, items, split_boxes if boxes is not None else None,
+                              meta={"root": str(root)})
