@@ -140,3 +140,35 @@ def test_missing_trees_name_what_was_expected(tmp_path):
     (tmp_path / "cars").mkdir()
     with pytest.raises(DatasetError, match="neither devkit/"):
         load("stanford_cars", tmp_path / "cars")
+
+
+def test_check_cli(tmp_path, capsys):
+    from harness.data.__main__ import main
+    for k, rel in enumerate(["train/cat/1.jpg", "train/dog/2.jpg", "test/dog/3.jpg"]):
+        image(tmp_path / rel, k)
+    assert main(["check", "imagefolder", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes" in out and "train       2 images" in out and "test        1 images" in out
+    (tmp_path / "test" / "dog" / "4.jpg").write_bytes(b"broken")
+    (tmp_path / "test" / "dog" / "5.jpg").write_bytes(b"broken too")
+    assert main(["check", "imagefolder", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "2 listed images could not be loaded" in err and "4.jpg" in err and "5.jpg" in err
+    assert main(["check", "imagefoldr", str(tmp_path)]) == 2
+    assert "did you mean 'imagefolder'" in capsys.readouterr().err
+
+
+def test_cache_reused_and_rebuilt_when_the_tree_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FGVC_HARNESS_CACHE", str(tmp_path / "cache"))
+    for k, rel in enumerate(["train/cat/1.jpg", "train/dog/2.jpg", "test/dog/3.jpg"]):
+        image(tmp_path / "tree" / rel, k)
+    params = DATASETS.get("imagefolder").Params(root=str(tmp_path / "tree"))
+    first = load_imageset(params, 16)
+    import harness.data.imagefolder as imagefolder
+    calls = []
+    original = imagefolder.ImageFolder.build.__func__
+    monkeypatch.setattr(imagefolder.ImageFolder, "build",
+                        classmethod(lambda cls, p, s: (calls.append(1), original(cls, p, s))[1]))
+    assert np.array_equal(load_imageset(params, 16).train.images, first.train.images) and calls == []
+    image(tmp_path / "tree" / "train" / "cat" / "4.jpg", 1)  # the source changed: decode again
+    assert len(load_imageset(params, 16).train) == 3 and calls == [1]
