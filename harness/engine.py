@@ -126,7 +126,8 @@ def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
 
     mean, std = NORMALIZATIONS[train.normalize]
     train_pipe = BatchPipeline(imageset.train, train.image_size, train.batch_size, train=True,
-                               padding=train.crop_padding, hflip=train.hflip, device=device, mean=mean, std=std)
+                               padding=train.crop_padding, hflip=train.hflip, device=device, mean=mean, std=std,
+                               colour_jitter=train.colour_jitter)
     test_pipe = BatchPipeline(imageset.test, train.image_size, train.eval_batch_size or 2 * train.batch_size,
                               train=False, device=device, mean=mean, std=std)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.backbones import BackboneConfig
 from harness.registry import RegistryError
@@ -33,6 +33,9 @@ class Strict(BaseModel):
 
 
 class TrainConfig(Strict):
+    pipeline: Literal["pmg", "wsdan", "swin384", "aam224"] | None = Field(
+        None, description="a paper's input pipeline; fills resize, image_size, padding, flip, normalisation "
+                          "and jitter unless the study sets them")
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int | None = Field(None, ge=1, description="default: 2 x batch_size")
@@ -40,6 +43,8 @@ class TrainConfig(Strict):
     resize: int | None = Field(None, ge=8, description="stored (decoded) size; crops are taken from it")
     crop_padding: int = Field(0, ge=0, description="zero padding before the random crop")
     hflip: bool = True
+    colour_jitter: list[float] | None = Field(None, min_length=4, max_length=4, description=(
+        "[brightness, contrast, saturation, hue] per-image jitter in training, e.g. WS-DAN's [0.4, 0.4, 0.4, 0.1]"))
     normalize: Literal["imagenet", "half"] = Field("imagenet", description="imagenet mean/std, or "
                                                    "half: (x - 0.5) / 0.5 as the PMG authors")
     lr: float = Field(0.002, gt=0.0, description="base learning rate (x each parameter group's lr_scale)")
@@ -60,6 +65,15 @@ class TrainConfig(Strict):
     eval_every: int = Field(1, ge=1)
     eval_flips: bool = Field(False, description="at the end, also test on horizontally and vertically "
                                                 "flipped test images (test_hflip/acc, test_vflip/acc)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_pipeline(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("pipeline"):
+            from harness.data.transforms import PRESETS
+            preset = PRESETS.get(data["pipeline"], {})
+            data = {**preset, **data}  # what the study sets wins over the preset
+        return data
 
     @property
     def stored_size(self) -> int:

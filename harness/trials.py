@@ -94,6 +94,14 @@ def _section_models(config: dict) -> dict[str, type[BaseModel]]:
 def _check_axis(axis: str, values: Any, models: dict[str, type[BaseModel]], where: Where) -> None:
     at = where.at(("grid", axis))
     section, _, key = axis.partition(".")
+    if axis in WHOLE_SECTIONS:  # a whole plugin section per value, e.g. each method with its own settings
+        if not isinstance(values, list) or not values or not all(isinstance(v, dict) and "name" in v for v in values):
+            raise StudyError(f"{at}grid axis '{axis}': give a list of {axis} sections, each with a name "
+                             f"(and an optional label), e.g. [{{name: pmg, stages: 3}}, {{name: baseline}}]")
+        labels = [section_label(v) for v in values]
+        if len(set(labels)) != len(labels):
+            raise StudyError(f"{at}grid axis '{axis}': two values share the label {labels}; add label: to tell them apart")
+        return
     if section not in SECTIONS_IN_GRID or not key:
         raise StudyError(f"{at}grid axis '{axis}': must be a dotted path into one of {', '.join(SECTIONS_IN_GRID)}, "
                          "e.g. method.stages")
@@ -108,6 +116,14 @@ def _check_axis(axis: str, values: Any, models: dict[str, type[BaseModel]], wher
     dumped = [json.dumps(v, sort_keys=True, default=str) for v in values]
     if len(set(dumped)) != len(dumped):
         raise StudyError(f"{at}grid axis '{axis}': repeated values {values}; list each value once")
+
+
+WHOLE_SECTIONS = ("method", "dataset")
+
+
+def section_label(value: dict) -> str:
+    """How a whole-section grid value is named in tables: its label, else its plugin name."""
+    return str(value.get("label") or value["name"])
 
 
 def _validate_sections(config: dict, where: Where, context: str) -> dict:
@@ -170,7 +186,11 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
         grid_axes = list(grid)
         for combo in itertools.product(*(grid[a] for a in grid_axes)):
             config = copy.deepcopy(base)
+            labels = {}
             for axis, value in zip(grid_axes, combo):
+                if axis in WHOLE_SECTIONS:
+                    labels[axis] = section_label(value)
+                    value = {k: v for k, v in value.items() if k != "label"}
                 set_dotted(config, axis, value)
             context = (f"\n  (in the trial with {', '.join(f'{a}={v!r}' for a, v in zip(grid_axes, combo))})"
                        if grid_axes else "")
@@ -182,7 +202,8 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
                     if name and name not in by_id[trial_id].grids:
                         by_id[trial_id].grids.append(name)
                     continue
-                values = {axis: _axis_value(full, axis) for axis in axes}
+                values = {axis: labels.get(axis) or (section_label(full[axis]) if axis in WHOLE_SECTIONS
+                                                     else _axis_value(full, axis)) for axis in axes}
                 spec = TrialSpec(trial_id=trial_id, study=study.name, profile=study.profile, config=full,
                                  axes=values, resources=study.resources.model_dump(), grids=[name] if name else [])
                 by_id[trial_id] = spec

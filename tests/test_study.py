@@ -201,3 +201,31 @@ def test_every_shipped_study_validates_in_both_profiles(study, monkeypatch):
     assert default.trials and paper.trials
     assert all(t.config["dataset"]["name"] == "synthfg" for t in default.trials)
     assert all(t.config["dataset"]["name"] == "cub200" for t in paper.trials)
+
+
+def test_whole_section_axes_compare_plugins_with_their_own_settings(tmp_path):
+    text = ("name: s\nmethod: {name: baseline}\ngrid:\n  method:\n    - {name: baseline}\n"
+            "    - {name: pmg, stages: 2, feature_size: 16}\n  dataset:\n"
+            "    - {label: easy, name: synthfg, part_scale: 2.0}\n    - {label: hard, name: synthfg, part_scale: 1.0}\n"
+            "table: {rows: method, columns: dataset}\n")
+    study = load_study(write(tmp_path, text))
+    assert len(study.trials) == 4
+    pmg = [t for t in study.trials if t.axes["method"] == "pmg"]
+    assert {t.axes["dataset"] for t in pmg} == {"easy", "hard"}
+    assert pmg[0].config["method"]["stages"] == 2 and "label" not in pmg[0].config["dataset"]
+    with pytest.raises(StudyError, match="share the label"):
+        load_study(write(tmp_path, text.replace("label: hard", "label: easy")))
+    with pytest.raises(StudyError, match=r"(?s)method\.stages.*less than or equal to 5"):
+        load_study(write(tmp_path, text.replace("stages: 2", "stages: 9")))
+
+
+def test_comparison_study_covers_every_registered_method(monkeypatch):
+    from harness.plugin import METHODS
+    study = load_study("studies/methods_comparison.yaml")
+    assert {t.config["method"]["name"] for t in study.trials} == set(METHODS.names())
+    for var in ("CUB200_ROOT", "CARS_ROOT", "AIRCRAFT_ROOT", "DOGS_ROOT", "NABIRDS_ROOT"):
+        monkeypatch.setenv(var, f"/data/{var}")
+    paper = load_study("studies/methods_comparison.yaml", profile="paper")
+    assert {t.config["dataset"]["name"] for t in paper.trials} == {
+        "cub200", "stanford_cars", "fgvc_aircraft", "stanford_dogs", "nabirds"}
+    assert {t.config["method"]["name"] for t in paper.trials} == set(METHODS.names())

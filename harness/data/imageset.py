@@ -65,7 +65,7 @@ class BatchPipeline:
     def __init__(self, split: Split, image_size: int, batch_size: int, train: bool, padding: int = 0,
                  hflip: bool = True, device: torch.device | str = "cpu",
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 drop_last: bool | None = None):
+                 drop_last: bool | None = None, colour_jitter: list[float] | None = None):
         self.images, self.labels = as_tensor(split.images), as_tensor(split.labels)
         stored = self.images.shape[-1]
         if image_size > stored + 2 * padding:
@@ -73,6 +73,7 @@ class BatchPipeline:
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.padding, self.hflip, self.device = padding, hflip, torch.device(device)
         self.drop_last = train if drop_last is None else drop_last
+        self.colour_jitter = colour_jitter if train else None
         # x_uint8 * scale + bias == (x / 255 - mean) / std
         self.scale = [1.0 / (255.0 * s) for s in std]
         self.bias = [-m / s for m, s in zip(mean, std)]
@@ -111,6 +112,9 @@ class BatchPipeline:
             crop = source[j, :, oy:oy + size, ox:ox + size]
             out[i].copy_(crop.flip(-1) if flip else crop)  # uint8 -> float while copying on CPU
         out = out.to(self.device, non_blocking=True).float()
+        if self.colour_jitter:
+            from harness.data.transforms import colour_jitter
+            out = colour_jitter(out, self.colour_jitter, generator)
         for c in range(3):  # (x - mean) / std with per-channel scalars, in place
             out[:, c].mul_(self.scale[c]).add_(self.bias[c])
         return out

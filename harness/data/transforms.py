@@ -1,0 +1,49 @@
+"""The papers' input pipelines as named presets, and colour jitter on uint8-derived float batches.
+
+A preset fills the train section's input keys that the study leaves out (keys it sets win):
+    pmg      resize 550, random crop 448 (padding 8), flip, inputs in [-1, 1]   (PMG authors' code)
+    wsdan    resize 512, random crop 448, flip, colour jitter 0.4/0.4/0.4/0.1  (WS-DAN PyTorch code)
+    swin384  resize 440, random crop 384, flip                                 (Swin fine-tuning at 384)
+    aam224   resize 256, random crop 224, flip                                 (the AAM article, 224 px)
+"""
+
+from __future__ import annotations
+
+import torch
+
+PRESETS: dict[str, dict] = {
+    "pmg": {"resize": 550, "image_size": 448, "crop_padding": 8, "hflip": True, "normalize": "half"},
+    "wsdan": {"resize": 512, "image_size": 448, "hflip": True, "colour_jitter": [0.4, 0.4, 0.4, 0.1]},
+    "swin384": {"resize": 440, "image_size": 384, "hflip": True},
+    "aam224": {"resize": 256, "image_size": 224, "hflip": True},
+}
+
+_GRAY = (0.299, 0.587, 0.114)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (x[:, 0] * _GRAY[0] + x[:, 1] * _GRAY[1] + x[:, 2] * _GRAY[2])[:, None]  # (B, 1, H, W)
+
+
+def colour_jitter(x: torch.Tensor, strength: list[float], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image brightness, contrast, saturation (factors in [1-s, 1+s]) and hue (shift in [-h, h]), in
+    that order, on (B, 3, H, W) floats in [0, 255], as torchvision's ColorJitter does per image."""
+    brightness, contrast, saturation, hue = strength
+    b = len(x)
+
+    def factors(s: float) -> torch.Tensor:
+        return (1 + (torch.rand(b, generator=generator) * 2 - 1) * s).to(x.device).view(b, 1, 1, 1)
+
+    if brightness:
+        x = (x * factors(brightness)).clamp_(0, 255)
+    if contrast:
+        mean = _gray(x).mean((2, 3), keepdim=True)
+        x = ((x - mean) * factors(contrast) + mean).clamp_(0, 255)
+    if saturation:
+        gray = _gray(x)
+        x = ((x - gray) * factors(saturation) + gray).clamp_(0, 255)
+    if hue:
+        from torchvision.transforms.v2.functional import adjust_hue
+        shifts = ((torch.rand(b, generator=generator) * 2 - 1) * hue).tolist()
+        x = torch.stack([adjust_hue(img / 255, h) * 255 for img, h in zip(x, shifts)])
+    return x
