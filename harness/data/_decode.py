@@ -14,6 +14,14 @@ class DatasetError(FileNotFoundError):
     """A dataset tree that is missing, incomplete or holds images that cannot be decoded."""
 
 
+def existing_root(root: str, dataset: str, what: str) -> Path:
+    """The dataset folder, or an error saying which folder `dataset.root` should name."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DatasetError(f"{dataset}: no folder at {path}; set dataset.root to {what}")
+    return path
+
+
 def require(root: Path, relative: str, dataset: str) -> Path:
     path = root / relative
     if not path.exists():

@@ -11,13 +11,12 @@ trainval 6,667 / test 3,333 images; 100 variants, 70 families, 41 manufacturers.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data import DatasetFamily, register_dataset
-from harness.data._decode import DatasetError, require
+from harness.data._decode import DatasetError, existing_root, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
@@ -40,9 +39,7 @@ class FGVCAircraft(DatasetFamily):
 
     @classmethod
     def build(cls, params: AircraftParams, size: int) -> ImageSet:
-        root = Path(params.root).expanduser()
-        if not root.is_dir():
-            raise DatasetError(f"fgvc_aircraft: no folder at {root}; set dataset.root to your fgvc-aircraft-2013b folder")
+        root = existing_root(params.root, "fgvc_aircraft", "your fgvc-aircraft-2013b folder")
         data = root / "data"
         names = [line.strip() for line in require(root, f"data/{LEVEL_FILES[params.level]}", "fgvc_aircraft")
                  .read_text().splitlines() if line.strip()]

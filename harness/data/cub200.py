@@ -13,13 +13,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data import DatasetFamily, register_dataset
-from harness.data._decode import DatasetError, read_table, require
+from harness.data._decode import DatasetError, existing_root, read_table, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
@@ -36,9 +35,7 @@ class CUB200(DatasetFamily):
 
     @classmethod
     def build(cls, params: CUB200Params, size: int) -> ImageSet:
-        root = Path(params.root).expanduser()
-        if not root.is_dir():
-            raise DatasetError(f"cub200: no folder at {root}; set dataset.root to your CUB_200_2011 folder")
+        root = existing_root(params.root, "cub200", "your CUB_200_2011 folder")
         files = {name: require(root, name, "cub200") for name in
                  ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")}
         require(root, "images", "cub200")

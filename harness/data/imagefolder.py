@@ -5,13 +5,12 @@ Classes are the sorted sub-folders of the train folder; the test folder may hold
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data import DatasetFamily, register_dataset
-from harness.data._decode import DatasetError, require
+from harness.data._decode import DatasetError, existing_root, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
@@ -32,9 +31,7 @@ class ImageFolder(DatasetFamily):
 
     @classmethod
     def build(cls, params: ImageFolderParams, size: int) -> ImageSet:
-        root = Path(params.root).expanduser()
-        if not root.is_dir():
-            raise DatasetError(f"imagefolder: no folder at {root}")
+        root = existing_root(params.root, "imagefolder", "the dataset's folder")
         train_dir = require(root, params.train_dir, "imagefolder")
         test_dir = require(root, params.test_dir, "imagefolder")
         classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())

@@ -11,13 +11,12 @@ to 0..C-1 in increasing id order.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data import DatasetFamily, register_dataset
-from harness.data._decode import DatasetError, read_table, require
+from harness.data._decode import DatasetError, existing_root, read_table, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
@@ -34,9 +33,7 @@ class NABirds(DatasetFamily):
 
     @classmethod
     def build(cls, params: NABirdsParams, size: int) -> ImageSet:
-        root = Path(params.root).expanduser()
-        if not root.is_dir():
-            raise DatasetError(f"nabirds: no folder at {root}; set dataset.root to your nabirds folder")
+        root = existing_root(params.root, "nabirds", "your nabirds folder")
         files = {n: require(root, n, "nabirds") for n in
                  ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")}
         require(root, "images", "nabirds")

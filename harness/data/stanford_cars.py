@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data import DatasetFamily, register_dataset
-from harness.data._decode import DatasetError, require
+from harness.data._decode import DatasetError, existing_root, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
@@ -53,9 +53,7 @@ class StanfordCars(DatasetFamily):
 
     @classmethod
     def build(cls, params: CarsParams, size: int) -> ImageSet:
-        root = Path(params.root).expanduser()
-        if not root.is_dir():
-            raise DatasetError(f"stanford_cars: no folder at {root}; set dataset.root to your Stanford Cars folder")
+        root = existing_root(params.root, "stanford_cars", "your Stanford Cars folder")
         if (root / "cars_annos.mat").exists():
             return cls._variant(root, size)
         if not (root / "devkit").is_dir():

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data import DatasetFamily, register_dataset
-from harness.data._decode import DatasetError, require
+from harness.data._decode import DatasetError, existing_root, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
@@ -44,9 +44,7 @@ class StanfordDogs(DatasetFamily):
 
     @classmethod
     def build(cls, params: DogsParams, size: int) -> ImageSet:
-        root = Path(params.root).expanduser()
-        if not root.is_dir():
-            raise DatasetError(f"stanford_dogs: no folder at {root}; set dataset.root to your Stanford Dogs folder")
+        root = existing_root(params.root, "stanford_dogs", "your Stanford Dogs folder")
         require(root, "Images", "stanford_dogs")
         lists = {split: read_list(require(root, f"{split}_list.mat", "stanford_dogs")) for split in ("train", "test")}
         names: dict[int, str] = {}
