@@ -90,8 +90,18 @@ class Method(nn.Module):
         """Checks that need the backbone (e.g. S <= number of stages); raise ValueError naming the fix."""
 
     def param_groups(self) -> list[dict]:
-        """Optimizer groups: dicts with "params", "name" and "lr_scale" (x the study's train.lr)."""
-        return [{"name": "all", "params": list(self.parameters()), "lr_scale": 1.0}]
+        """Optimizer groups: dicts with "params", "name" and "lr_scale" (x the study's train.lr).
+
+        Default: the method's own layers (every submodule but the backbone, and modules it inserted
+        into the backbone, which are also registered on the method) at 1x, the backbone at
+        `params.backbone_lr_scale` (1 when the method has no such knob)."""
+        new: dict[int, nn.Parameter] = {id(p): p for p in self.parameters(recurse=False)}
+        for child in self.children():
+            if child is not self.backbone:
+                new.update((id(p), p) for p in child.parameters())
+        body = [p for p in self.backbone.parameters() if id(p) not in new]
+        return [{"name": "new_layers", "params": list(new.values()), "lr_scale": 1.0},
+                {"name": "backbone", "params": body, "lr_scale": getattr(self.params, "backbone_lr_scale", 1.0)}]
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps,
                       generator: torch.Generator | None = None) -> dict[str, float]:

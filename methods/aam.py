@@ -98,14 +98,6 @@ class AAMNet(Method):
         if bad:
             raise ValueError(f"method.placement {bad}: stages are 0..{num_stages - 1} for this backbone")
 
-    def param_groups(self) -> list[dict]:
-        inserted = list(self.attention.parameters())  # they live inside the backbone's stages too
-        ids = {id(p) for p in inserted}
-        body = [p for p in self.backbone.parameters() if id(p) not in ids]
-        new = inserted + list(self.fc.parameters()) + ([self.centers] if self.params.loss == "center" else [])
-        return [{"name": "new_layers", "params": new, "lr_scale": 1.0},
-                {"name": "backbone", "params": body, "lr_scale": self.params.backbone_lr_scale}]
-
     def extra_metrics(self) -> dict[str, float]:
         return {"attention/params": float(sum(p.numel() for p in self.attention.parameters()))}
 

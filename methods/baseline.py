@@ -26,10 +26,6 @@ class Baseline(Method):
         super().__init__(backbone, num_classes, params)
         self.fc = nn.Linear(backbone.channels[-1], num_classes)
 
-    def param_groups(self) -> list[dict]:
-        return [{"name": "backbone", "params": list(self.backbone.parameters()), "lr_scale": self.params.backbone_lr_scale},
-                {"name": "head", "params": list(self.fc.parameters()), "lr_scale": 1.0}]
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(images)[-1]  # (B, C, h, w)
         return self.fc(features.mean((2, 3)))

@@ -91,12 +91,6 @@ class MKSMT(Method):
         if num_stages < 4:
             raise ValueError(f"MKSMT needs a backbone with 4 stages (S1..S4); this one has {num_stages}")
 
-    def param_groups(self) -> list[dict]:
-        new = [*self.opms.parameters(), *self.outputs.parameters()]
-        return [{"name": "new_layers", "params": new, "lr_scale": 1.0},
-                {"name": "backbone", "params": list(self.backbone.parameters()),
-                 "lr_scale": self.params.backbone_lr_scale}]
-
     def forward(self, images: torch.Tensor, upto: str = "S4") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{head: (OPM vector, logits)} for the heads up to `upto`; the backbone stops at that stage."""
         feats = self.backbone(images, upto=self.stage_of[upto])

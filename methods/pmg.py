@@ -140,12 +140,6 @@ class PMG(Method):
             raise ValueError(f"method.stages={params.stages} but the backbone has {num_stages} stages; "
                              f"choose 1 <= stages <= {num_stages}")
 
-    def param_groups(self) -> list[dict]:
-        new = [p for m in (self.conv_blocks, self.classifiers, self.concat_classifier) for p in m.parameters()]
-        return [{"name": "new_layers", "params": new, "lr_scale": 1.0},
-                {"name": "backbone", "params": list(self.backbone.parameters()),
-                 "lr_scale": self.params.backbone_lr_scale}]
-
     def forward(self, images: torch.Tensor, upto_step: int | None = None) -> list[torch.Tensor]:
         """Logits [y_1, ..., y_S, y_concat]. With `upto_step=k` (early exit) only y_1..y_k are computed."""
         k = len(self.used) if upto_step is None else upto_step + 1

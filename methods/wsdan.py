@@ -171,12 +171,6 @@ class WSDAN(Method):
             raise ValueError(f"method.stage={params.stage} but the backbone has {num_stages} stages; "
                              f"choose -{num_stages} <= stage <= {num_stages - 1} (-1 is the last)")
 
-    def param_groups(self) -> list[dict]:
-        new = [*self.attentions.parameters(), *self.fc.parameters()]
-        return [{"name": "new_layers", "params": new, "lr_scale": 1.0},
-                {"name": "backbone", "params": list(self.backbone.parameters()),
-                 "lr_scale": self.params.backbone_lr_scale}]
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits (B, classes), feature matrix (B, M*C), attention maps (B, M, h, w)."""
         features = self.backbone(images, upto=self.stage)[-1]

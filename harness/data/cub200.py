@@ -18,7 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data import DatasetFamily, register_dataset
-from harness.data._decode import DatasetError, existing_root, read_table, require
+from harness.data._cub_layout import read_cub_layout
+from harness.data._decode import existing_root
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
@@ -36,23 +37,8 @@ class CUB200(DatasetFamily):
     @classmethod
     def build(cls, params: CUB200Params, size: int) -> ImageSet:
         root = existing_root(params.root, "cub200", "your CUB_200_2011 folder")
-        files = {name: require(root, name, "cub200") for name in
-                 ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")}
-        require(root, "images", "cub200")
-        paths = {int(i): p for i, p in read_table(files["images.txt"])}
-        labels = {int(i): int(c) - 1 for i, c in read_table(files["image_class_labels.txt"])}  # 1-based -> 0-based
-        is_train = {int(i): s == "1" for i, s in read_table(files["train_test_split.txt"])}
-        names = [name for _, name in sorted((int(c), n) for c, n in read_table(files["classes.txt"]))]
-        missing = sorted(set(paths) ^ set(labels) | set(paths) ^ set(is_train))
-        if missing:
-            raise DatasetError(f"cub200: image ids {missing[:10]} are not listed in all of images.txt, "
-                               f"image_class_labels.txt and train_test_split.txt under {root}")
-        boxes_file = root / "bounding_boxes.txt"
-        boxes = {int(r[0]): tuple(float(v) for v in r[1:5]) for r in read_table(boxes_file)} if boxes_file.exists() else None
-        items, split_boxes = {}, {}
-        for split, flag in (("train", True), ("test", False)):
-            ids = sorted(i for i in paths if is_train[i] == flag)
-            items[split] = [(root / "images" / paths[i], labels[i]) for i in ids]
-            split_boxes[split] = [boxes.get(i) for i in ids] if boxes is not None else None
-        return build_imageset("cub200", size, names, items, split_boxes if boxes is not None else None,
+        listing = read_cub_layout(root, "cub200")
+        ids = sorted(listing.class_names)
+        items, boxes = listing.split({cid: cid - 1 for cid in ids})  # class ids are 1-based
+        return build_imageset("cub200", size, [listing.class_names[c] for c in ids], items, boxes,
                               meta={"root": str(root)})
