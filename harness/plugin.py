@@ -83,6 +83,7 @@ class Method(nn.Module):
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: MethodParams):
         super().__init__()
+        type(self).validate_with(params, backbone.num_stages)  # the same checks the study loader runs
         self.backbone, self.num_classes, self.params = backbone, num_classes, params
 
     @classmethod

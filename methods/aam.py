@@ -76,7 +76,6 @@ class AAMNet(Method):
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: AAMParams):
         super().__init__(backbone, num_classes, params)
-        self.validate_with(params, backbone.num_stages)
         placement = params.placement or list(range(1, backbone.num_stages))
         names = [n for n in backbone.body.keys() if n in (backbone._return_layers or {})]
         self.attention = nn.ModuleDict()

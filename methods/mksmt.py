@@ -77,7 +77,6 @@ class MKSMT(Method):
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: MKSMTParams):
         super().__init__(backbone, num_classes, params)
-        self.validate_with(params, backbone.num_stages)
         last = backbone.num_stages - 1
         # Paper stage name -> backbone stage index: S4 is the last stage, S3 the one before, ...
         names = ["S2", "S3", "S4"] if params.steps == 3 else ["S3", "S4"]

@@ -121,7 +121,6 @@ class PMG(Method):
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: PMGParams):
         super().__init__(backbone, num_classes, params)
-        self.validate_with(params, backbone.num_stages)
         L, S = backbone.num_stages, params.stages
         self.used = list(range(L - S, L))  # 0-based backbone stages, shallowest first
         self.n_per_step = params.jigsaw_n or [2 ** (L - i) for i in self.used]  # 2^(L-l+1) with l = i + 1

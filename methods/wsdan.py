@@ -154,7 +154,6 @@ class WSDAN(Method):
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: WSDANParams):
         super().__init__(backbone, num_classes, params)
-        self.validate_with(params, backbone.num_stages)
         self.stage = params.stage % backbone.num_stages
         backbone.truncate(self.stage)  # the authors' network ends at the attention stage
         channels = backbone.channels[self.stage]
