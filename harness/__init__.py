@@ -8,4 +8,6 @@ __version__ = "0.1.0"
 
 # Bumped whenever a change alters the numbers a trial produces (losses, data, schedules): it is part
 # of every trial's identity, so finished results computed by older math are rerun, not reused.
-MATH_VERSION = 2  # 2: the input pipeline normalises as x * scale + bias (rounding differs from v1)
+# 2: the input pipeline normalises as x * scale + bias (rounding differs from v1)
+# 3: the method's random choices come from their own generator, no longer interleaved with the data's
+MATH_VERSION = 3

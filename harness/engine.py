@@ -1,13 +1,24 @@
-"""The training engine: one trial from its resolved config to its metrics.
+"""The training engine: one trial from its resolved config to its metrics, on one or several workers.
 
-It owns everything methods share: seeding, devices, mixed precision, the optimizer and its
-learning-rate schedule, epochs, evaluation of every head, a checkpoint per epoch (resumed from
-when present), and per-epoch metrics handed to a `report` callback (the orchestrator forwards them
-to Ray Tune; the engine itself never imports Ray).
+It owns everything methods share: seeding, devices, mixed precision, the memory layout, the
+optimizer and its learning-rate schedule, epochs, evaluation of every head, a checkpoint per epoch
+(resumed from when present), and per-epoch metrics. Where metrics and checkpoints go is a `TrialIO`:
+the orchestrator gives one that reports to Ray Tune or Ray Train; `LocalCheckpoints` keeps a file.
+The engine itself never imports Ray.
 
-Determinism: the seed fixes initialisation; data order, augmentation and jigsaw permutations come
-from a generator seeded by (seed, epoch), so a trial resumed from its epoch-k checkpoint sees the
-same batches as an uninterrupted one, and the same trial twice on CPU gives the same metrics.
+Several workers (a `Collective` of harness.distributed): each trains on its slice of every global
+batch, gradients are averaged inside `OptimizerSteps.step`, BatchNorm can be synchronised
+(`train.sync_bn`), evaluation counts are summed over the workers, epoch losses averaged, and only
+rank 0 hands a checkpoint to its TrialIO (every rank reports, which Ray Train needs as a barrier).
+
+Determinism: the seed fixes initialisation; data order and augmentation come from one generator
+seeded by (seed, epoch), the method's own random choices (jigsaw permutations, attention-map
+choices) from a second one, so the data a trial sees does not depend on what the method draws; a
+trial resumed from its epoch-k checkpoint sees the same batches as an uninterrupted one, the same
+trial twice on CPU gives the same metrics, and a W-worker trial sees the same global batches as its
+one-worker twin. Per-image draws of a method come from the same generator state on every worker
+(so PMG's per-batch jigsaw permutation is exactly the one-worker one); per-image draws (WS-DAN's
+thresholds) of the k-th image of each worker's slice therefore coincide across workers.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import torch
 from harness.backbones import BackboneConfig, build_backbone
 from harness.complexity import inference_complexity
 from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet
+from harness.distributed import Collective, sync_batchnorm
 from harness.plugin import METHODS, Method, OptimizerSteps
 from harness.study import TrainConfig
 
@@ -38,8 +50,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+DATA_STREAM, METHOD_STREAM = 0, 1
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = DATA_STREAM) -> torch.Generator:
+    """The generator of one epoch: stream 0 draws the data order and augmentation, stream 1 the method's choices."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch + stream * 1_000_000_007)
 
 
 def lr_factor(train: TrainConfig, epoch: int) -> float:
@@ -81,11 +97,58 @@ def build_optimizer(method: Method, train: TrainConfig) -> torch.optim.SGD:
                            nesterov=train.nesterov)
 
 
+class TrialIO:
+    """Where a trial's per-epoch metrics and checkpoints go, and where a resumed trial finds its state.
+
+    `restore()` returns the state of the last checkpoint, or None to start from scratch.
+    `report(metrics, state)` is called by every worker after every epoch; `state` (a checkpoint,
+    loadable with `torch.load(weights_only=True)`) is given on rank 0 only, None elsewhere.
+    This default keeps nothing."""
+
+    def restore(self) -> dict | None:
+        return None
+
+    def report(self, metrics: dict, state: dict | None = None) -> None:
+        pass
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Write a checkpoint atomically (a temporary name, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
+    """Read a checkpoint without unpickling code: tensors, numbers, strings and containers only."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+class LocalCheckpoints(TrialIO):
+    """Checkpoints in one local file (`<directory>/checkpoint.pt`), metrics to an optional callback."""
+
+    def __init__(self, directory: str | os.PathLike, on_report: Report | None = None):
+        self.path = Path(directory) / "checkpoint.pt"
+        self.on_report = on_report
+
+    def restore(self) -> dict | None:
+        return load_checkpoint(self.path) if self.path.exists() else None
+
+    def report(self, metrics: dict, state: dict | None = None) -> None:
+        if state is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(state, self.path)
+        if self.on_report is not None:
+            self.on_report(metrics)
+
+
 @torch.no_grad()
 def evaluate(method: Method, pipeline: BatchPipeline, autocast, flip: int | None = None,
-             prefix: str = "test") -> dict[str, float]:
-    """Top-1 of every head (`<prefix>/acc/<head>`) and of the primary head (`<prefix>/acc`).
-    `flip`: test on images flipped along dim -1 (horizontal) or -2 (vertical), the MKSMT robustness test."""
+             prefix: str = "test", collective: Collective | None = None) -> dict[str, float]:
+    """Top-1 of every head (`<prefix>/acc/<head>`) and of the primary head (`<prefix>/acc`), counted
+    over the whole test set (each worker's share, summed). `flip`: test on images flipped along dim -1
+    (horizontal) or -2 (vertical), the MKSMT robustness test."""
     method.eval()
     correct: dict[str, int] = {}
     total = 0
@@ -97,53 +160,71 @@ def evaluate(method: Method, pipeline: BatchPipeline, autocast, flip: int | None
         for name, logits in heads.items():
             correct[name] = correct.get(name, 0) + int((logits.argmax(1) == labels).sum())
         total += len(labels)
+    if collective is not None and collective.world_size > 1:
+        names = sorted(set(correct) | set(method.heads))  # the same keys on every worker, even one with no images
+        counts = torch.tensor([correct.get(n, 0) for n in names] + [total], dtype=torch.float64,
+                              device=next(method.parameters()).device)
+        counts = collective.sum(counts).tolist()
+        correct, total = dict(zip(names, counts[:-1])), counts[-1]
     metrics = {f"{prefix}/acc/{name}": c / total for name, c in correct.items()}
     metrics[f"{prefix}/acc"] = metrics[f"{prefix}/acc/{method.primary_head}"]
     return metrics
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
-              checkpoint_dir: str | os.PathLike | None = None, threads: int | None = None) -> dict:
-    """Train and evaluate one trial; returns the final metrics (last epoch's, totals, and `history`: per epoch)."""
+def run_trial(config: dict, imageset: ImageSet, io: TrialIO | None = None, collective: Collective | None = None,
+              threads: int | None = None) -> dict:
+    """Train and evaluate one trial on this worker; returns the final metrics (last epoch's, totals,
+    and `history`: per epoch). Every worker of a trial calls it with the same config."""
     wall_start = time.perf_counter()
+    io = io or TrialIO()
+    collective = collective or Collective()
+    world = collective.world_size
     if threads:
         torch.set_num_threads(max(1, int(threads)))
     train = TrainConfig.model_validate(config["train"])
     seed = int(config["seed"])
     device = pick_device(train.device)
     seed_everything(seed)
-    method = build_method(config, imageset.num_classes).to(device)
+    method = build_method(config, imageset.num_classes)
+    if world > 1 and train.sync_bn:
+        method = sync_batchnorm(method)
+    method = method.to(device, memory_format=torch.channels_last if train.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(method, train)
     # bf16 autocast: on CUDA, and on CPUs with bf16 units (AVX512-BF16/AMX: ~1.7x for ResNet-18 here).
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if train.amp else nullcontext
-    steps = OptimizerSteps(optimizer, None, set_to_none=method.zero_grad_set_to_none, grad_clip=train.grad_clip)
+    steps = OptimizerSteps(optimizer, set_to_none=method.zero_grad_set_to_none, grad_clip=train.grad_clip,
+                           collective=collective)
 
     mean, std = NORMALIZATIONS[train.normalize]
+    shard = {"rank": collective.rank, "world_size": world, "device": device, "mean": mean, "std": std,
+             "channels_last": train.channels_last}
     train_pipe = BatchPipeline(imageset.train, train.image_size, train.batch_size, train=True,
-                               padding=train.crop_padding, hflip=train.hflip, device=device, mean=mean, std=std,
-                               colour_jitter=train.colour_jitter)
-    test_pipe = BatchPipeline(imageset.test, train.image_size, train.eval_batch_size or 2 * train.batch_size,
-                              train=False, device=device, mean=mean, std=std)
+                               padding=train.crop_padding, hflip=train.hflip, colour_jitter=train.colour_jitter, **shard)
+    eval_batch = train.eval_batch_size or 2 * train.batch_size
+    test_pipe = BatchPipeline(imageset.test, train.image_size, max(1, eval_batch // world), train=False, **shard)
+    if len(train_pipe) == 0:
+        raise ValueError(f"the training split has {len(imageset.train)} images, fewer than one batch of "
+                         f"train.batch_size={train.batch_size}: nothing would be trained; lower train.batch_size")
 
-    ckpt_path = Path(checkpoint_dir) / "checkpoint.pt" if checkpoint_dir else None
     start_epoch, history, train_time, images_seen = 0, [], 0.0, 0
-    if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    state = io.restore()
+    if state is not None:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         train_time, images_seen, steps.count = state["train_time"], state["images_seen"], state["steps"]
         # With PyTorch 1.x zero_grad semantics a parameter that once had a gradient keeps a zero-filled
         # one, and SGD keeps applying momentum to it: restore that, or the resumed run would differ.
+        with_grad = set(state["params_with_grad"])
         for i, p in enumerate(method.parameters()):
-            if i in state["params_with_grad"]:
+            if i in with_grad:
                 p.grad = torch.zeros_like(p)
+    if train.compile:
+        method.compile()  # in place: state-dict keys and the checkpoint format stay as they are
 
     n_params = sum(p.numel() for p in method.parameters())
     metrics: dict = history[-1] if history else {}
@@ -152,45 +233,55 @@ def run_trial(config: dict, imageset: ImageSet, report: Report | None = None,
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         method.train()
-        generator = epoch_generator(seed, epoch)
+        data_generator = epoch_generator(seed, epoch, DATA_STREAM)
+        method_generator = epoch_generator(seed, epoch, METHOD_STREAM)
         sums: dict[str, float] = {}
-        batches, epoch_images, t0 = 0, 0, time.perf_counter()
-        for images, labels in train_pipe.batches(generator, train.max_train_batches):
+        batches, t0 = 0, time.perf_counter()
+        for images, labels in train_pipe.batches(data_generator, train.max_train_batches):
             with autocast():
-                losses = method.training_step(images, labels, steps, generator)
+                losses = method.training_step(images, labels, steps, method_generator)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             batches += 1
-            epoch_images += len(labels)
+        if world > 1:
+            sums = _average(sums, collective, device)
+            collective.average_buffers(method)  # BatchNorm statistics, centres: one model on every rank
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_time = time.perf_counter() - t0
+        epoch_images = batches * train.batch_size  # global: every worker trains on its slice of each batch
         train_time += epoch_time
         images_seen += epoch_images
         metrics = {"epoch": epoch + 1, **{f"train/{k}": v / max(batches, 1) for k, v in sums.items()},
                    "lr": optimizer.param_groups[0]["lr"], "train/images_per_s": epoch_images / max(epoch_time, 1e-9),
                    "train/epoch_time_s": epoch_time}
         if (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs:
-            metrics.update(evaluate(method, test_pipe, autocast))
+            metrics.update(evaluate(method, test_pipe, autocast, collective=collective))
         history.append(metrics)
-        if ckpt_path is not None:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+        checkpoint = None
+        if collective.is_primary:
+            checkpoint = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "history": history, "train_time": train_time, "images_seen": images_seen,
                           "steps": steps.count,
-                          "params_with_grad": {i for i, p in enumerate(method.parameters()) if p.grad is not None}},
-                         ckpt_path)
-        if report is not None:
-            report(dict(metrics))
+                          "params_with_grad": [i for i, p in enumerate(method.parameters()) if p.grad is not None]}
+        io.report(dict(metrics), checkpoint)
 
     final = dict(metrics)
     if train.eval_flips:
-        final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip"))
-        final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip"))
+        final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip", collective=collective))
+        final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip", collective=collective))
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,
                   "wall_time_s": time.perf_counter() - wall_start, "optimizer_steps": steps.count,
-                  "params": n_params, "device": str(device), "num_classes": imageset.num_classes,
+                  "params": n_params, "device": device.type, "device_name": device_name(device),
+                  "world_size": world, "num_classes": imageset.num_classes,
                   "resumed_from_epoch": start_epoch, "history": history})
     return final
+
+
+def _average(values: dict[str, float], collective: Collective, device: torch.device) -> dict[str, float]:
+    """The mean over the workers of each value (same keys on every worker)."""
+    keys = sorted(values)
+    totals = collective.sum(torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)).tolist()
+    return {k: v / collective.world_size for k, v in zip(keys, totals)}

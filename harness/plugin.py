@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from harness.backbones import StagedBackbone
+from harness.distributed import Collective
 from harness.registry import Registry
 
 
@@ -33,43 +34,51 @@ class TrialDiverged(FloatingPointError):
 
 
 class OptimizerSteps:
-    """What a method calls once per optimizer step: zero_grad -> backward -> (unscale, clip) -> step.
+    """What a method calls once per optimizer step: zero_grad -> backward -> average over the workers
+    -> (clip) -> step. It is also the method's one handle on the other workers (`sum_over_workers`).
 
     `set_to_none=False` reproduces PyTorch 1.x's zero_grad, which the authors' code ran on: once a
     parameter has a gradient, later steps zero-fill it instead of dropping it, so SGD's momentum and
     weight decay keep moving parameters that a step's loss does not reach.
+
+    With several workers (harness.distributed), the gradients of every worker are averaged between
+    backward and the optimizer step, and the divergence check sees the loss of every worker, so all
+    stop at the same step. With one process nothing is exchanged.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None,
-                 set_to_none: bool = True, grad_clip: float | None = None):
-        self.optimizer, self.scaler = optimizer, scaler
-        self.set_to_none, self.grad_clip = set_to_none, grad_clip
+    def __init__(self, optimizer: torch.optim.Optimizer, set_to_none: bool = True, grad_clip: float | None = None,
+                 collective: Collective | None = None):
+        self.optimizer, self.set_to_none, self.grad_clip = optimizer, set_to_none, grad_clip
+        self.collective = collective or Collective()
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.count = 0  # optimizer steps taken so far (tests read it: PMG takes S+1 per batch)
 
     def step(self, loss: torch.Tensor, name: str = "loss") -> float:
+        """One update on `loss`; returns this worker's loss value."""
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrialDiverged(f"{name} became {value} at optimizer step {self.count}: the trial diverged; "
-                                "lower train.lr, enable train.grad_clip, or disable train.amp")
+        distributed = self.collective.world_size > 1
+        if not distributed:
+            self._check(value, name)  # before backward: nothing is computed on garbage
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                self._clip()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if self.grad_clip:
-                self._clip()
-            self.optimizer.step()
+        loss.backward()
+        if distributed:
+            self._check(self.collective.average_gradients(self.params, loss), name)
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.grad_clip)
+        self.optimizer.step()
         self.count += 1
         return value
 
-    def _clip(self) -> None:
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+    def sum_over_workers(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In place: `tensor` summed over the workers (itself with one). For method state that a step
+        updates with per-image sums, e.g. WS-DAN's feature centres: summing the workers' updates gives
+        the update of one process on the global batch."""
+        return self.collective.sum(tensor)
+
+    def _check(self, value: float, name: str) -> None:
+        if not math.isfinite(value):
+            raise TrialDiverged(f"{name} became {value} at optimizer step {self.count}: the trial diverged; "
+                                "lower train.lr, enable train.grad_clip, or disable train.amp")
 
 
 class Method(nn.Module):

@@ -65,6 +65,11 @@ class TrainConfig(Strict):
     eval_every: int = Field(1, ge=1)
     eval_flips: bool = Field(False, description="at the end, also test on horizontally and vertically "
                                                 "flipped test images (test_hflip/acc, test_vflip/acc)")
+    sync_bn: bool = Field(True, description="with several workers, BatchNorm uses the statistics of the global "
+                                            "batch (SyncBatchNorm), as one process would")
+    channels_last: bool = Field(False, description="NHWC memory layout of the model and its input (faster convolutions "
+                                                   "on tensor-core GPUs)")
+    compile: bool = Field(False, description="torch.compile the method (first steps pay the compilation)")
 
     @model_validator(mode="before")
     @classmethod
@@ -81,8 +86,17 @@ class TrainConfig(Strict):
 
 
 class Resources(Strict):
-    cpu: float = Field(1.0, gt=0.0)
-    gpu: float = Field(0.0, ge=0.0)
+    workers: int = Field(1, ge=1, description="processes training one trial together (data parallel); cpu and gpu "
+                                              "are per worker, train.batch_size is the global batch")
+    cpu: float = Field(1.0, gt=0.0, description="CPUs per worker")
+    gpu: float = Field(0.0, ge=0.0, description="GPUs per worker; a fraction packs single-process trials on one GPU")
+
+    @model_validator(mode="after")
+    def _whole_gpus_for_several_workers(self) -> "Resources":
+        if self.workers > 1 and 0 < self.gpu < 1:
+            raise ValueError(f"workers={self.workers} with gpu={self.gpu}: several workers of one trial need a whole "
+                             "GPU each (NCCL refuses two ranks on one GPU); use gpu: 1, or workers: 1 to pack trials")
+        return self
 
 
 class ReferenceCell(Strict):

@@ -195,6 +195,12 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
             context = (f"\n  (in the trial with {', '.join(f'{a}={v!r}' for a, v in zip(grid_axes, combo))})"
                        if grid_axes else "")
             resolved = _validate_sections(config, where.in_grid(), context)
+            workers, batch = study.resources.workers, resolved["train"]["batch_size"]
+            if batch % workers:
+                raise StudyError(f"{where.at(('train', 'batch_size'))}train.batch_size={batch} does not divide by "
+                                 f"resources.workers={workers}: the batch is the global batch, split evenly over the "
+                                 f"workers; choose a multiple of {workers} (e.g. {batch + workers - batch % workers})"
+                                 + context)
             for seed in study.seeds:
                 full = {**resolved, "seed": seed}
                 trial_id = trial_identity(full)

@@ -174,15 +174,21 @@ class WSDAN(Method):
         """Logits (B, classes), feature matrix (B, M*C), attention maps (B, M, h, w)."""
         features = self.backbone(images, upto=self.stage)[-1]
         maps = self.attentions(features)
-        matrix = bilinear_attention_pooling(features.float(), maps.float())
+        dtype = torch.promote_types(features.dtype, torch.float32)  # BAP in fp32 at least, even under bf16 autocast
+        matrix = bilinear_attention_pooling(features.to(dtype), maps.to(dtype))
         return self.fc(matrix * self.params.logit_scale), matrix, maps
 
-    def center_loss(self, matrix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of squared differences to the L2-normalised class centres / batch size; updates the centres."""
+    def center_loss(self, matrix: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps | None = None) -> torch.Tensor:
+        """Sum of squared differences to the L2-normalised class centres / batch size; updates the centres.
+
+        The update is a sum over the batch's images, so with several workers their updates are summed
+        (`steps.sum_over_workers`): the centres move as in one process on the global batch."""
         centers = F.normalize(self.centers[labels], dim=-1)
         loss = ((matrix - centers) ** 2).sum() / len(labels)
         with torch.no_grad():
-            self.centers.index_add_(0, labels, self.params.center_beta * (matrix.detach().float() - centers))
+            update = torch.zeros_like(self.centers).index_add_(
+                0, labels, self.params.center_beta * (matrix.detach().to(centers.dtype) - centers))
+            self.centers += steps.sum_over_workers(update) if steps is not None else update
         return loss
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps,
@@ -199,7 +205,7 @@ class WSDAN(Method):
             if p.drop:
                 drops = attention_drop(images, picked[:, 1:2], p.drop_theta, generator)
                 ce_terms["drop"] = F.cross_entropy(self(drops)[0], labels)
-        center = self.center_loss(matrix, labels)
+        center = self.center_loss(matrix, labels, steps)
         # CE(raw)/3 + CE(crop)/3 + CE(drop)/3 + center loss: one backward, one optimizer step.
         loss = sum(ce_terms.values()) / len(ce_terms) + p.center_weight * center
         out = {f"loss/{k}": float(v.detach()) for k, v in ce_terms.items()}

@@ -4,7 +4,7 @@ import pytest
 
 from harness.data import load_imageset
 from harness.data.synthfg import SynthFGParams
-from harness.engine import lr_factor, run_trial
+from harness.engine import LocalCheckpoints, lr_factor, run_trial
 from harness.plugin import TrialDiverged
 from harness.study import TrainConfig
 
@@ -46,9 +46,9 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(imageset, tmp_path):
         raise Stop
 
     with pytest.raises(Stop):
-        run_trial(config(), imageset, report=stop_after_first_epoch, checkpoint_dir=tmp_path, threads=1)
+        run_trial(config(), imageset, LocalCheckpoints(tmp_path, on_report=stop_after_first_epoch), threads=1)
     assert (tmp_path / "checkpoint.pt").exists()
-    resumed = run_trial(config(), imageset, checkpoint_dir=tmp_path, threads=1)
+    resumed = run_trial(config(), imageset, LocalCheckpoints(tmp_path), threads=1)
     assert resumed["resumed_from_epoch"] == 1
     assert comparable(resumed) == comparable(uninterrupted)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]

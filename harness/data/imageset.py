@@ -55,66 +55,107 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class BatchPipeline:
-    """Turns a Split into normalised float batches.
+    """Turns a Split into normalised float batches, for one worker of `world_size`.
 
     Train: shuffle, random crop of `image_size` from the stored image zero-padded by `padding`,
-    horizontal flip with p = 0.5. Test: centre crop of `image_size`. Images are stored at `resize`
-    (e.g. 550 for PMG's 448 crops), so the crop follows the papers' resize-then-crop pipelines.
+    horizontal flip with p = 0.5, optional colour jitter. Test: centre crop of `image_size`. Images
+    are stored at `resize` (e.g. 550 for PMG's 448 crops), so the crop follows the papers'
+    resize-then-crop pipelines.
+
+    Several workers: `batch_size` is the GLOBAL training batch. Every worker draws the same epoch
+    order and the augmentation of the whole global batch from the same generator, and keeps its
+    slice (rank r of W: images [r B/W, (r+1) B/W) of each batch), so across the workers every image
+    of the epoch is used exactly once, each with the crop, flip and jitter it gets in one process,
+    and the generator advances identically everywhere. The test split is dealt round-robin
+    (image i to rank i mod W) and evaluated in local batches of `batch_size`.
+
+    On an accelerator the uint8 crops are assembled in pinned memory, copied without blocking and
+    turned into floats there (4x fewer bytes over the bus); `channels_last` lays the batch out NHWC.
     """
 
     def __init__(self, split: Split, image_size: int, batch_size: int, train: bool, padding: int = 0,
                  hflip: bool = True, device: torch.device | str = "cpu",
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 drop_last: bool | None = None, colour_jitter: list[float] | None = None):
+                 drop_last: bool | None = None, colour_jitter: list[float] | None = None,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
         self.images, self.labels = as_tensor(split.images), as_tensor(split.labels)
         stored = self.images.shape[-1]
         if image_size > stored + 2 * padding:
             raise ValueError(f"image_size {image_size} is larger than the stored size {stored} (+2*padding {padding})")
+        if train and batch_size % world_size:
+            raise ValueError(f"train.batch_size {batch_size} does not divide by the {world_size} workers; "
+                             f"choose a multiple of {world_size}")
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.padding, self.hflip, self.device = padding, hflip, torch.device(device)
+        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.drop_last = train if drop_last is None else drop_last
         self.colour_jitter = colour_jitter if train else None
+        self.pin = self.device.type == "cuda"
         # x_uint8 * scale + bias == (x / 255 - mean) / std
         self.scale = [1.0 / (255.0 * s) for s in std]
         self.bias = [-m / s for m, s in zip(mean, std)]
 
-    def __len__(self) -> int:
+    def _count(self) -> int:
+        """Images this pipeline iterates over: all of the train split, this rank's share of the test split."""
         n = len(self.labels)
+        return n if self.train else len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        n = self._count()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batches(self, generator: torch.Generator | None = None,
                 max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = torch.randperm(n, generator=generator) if self.train else torch.arange(n)
+        order = torch.randperm(n, generator=generator) if self.train else torch.arange(self.rank, n, self.world_size)
+        local = self.batch_size // self.world_size if self.train else self.batch_size
         for b in range(len(self) if max_batches is None else min(len(self), max_batches)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self._make(idx, generator), self.labels[idx].to(self.device, non_blocking=True)
+            augment = self._draw(len(idx), generator) if self.train else None
+            if self.train and self.world_size > 1:  # this rank's slice of the global batch
+                keep = slice(self.rank * local, (self.rank + 1) * local)
+                idx, augment = idx[keep], {k: v[keep] for k, v in augment.items()}
+            labels = self.labels[idx]
+            if self.pin:
+                labels = labels.pin_memory()
+            yield self._make(idx, augment), labels.to(self.device, non_blocking=True)
 
-    def _make(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _draw(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """Random crop offsets, flips and jitter factors of n images, in the generator's fixed order."""
+        span = self.images.shape[-1] + 2 * self.padding - self.image_size
+        out = {"offsets": torch.randint(0, span + 1, (n, 2), generator=generator)}
+        out["flips"] = (torch.rand(n, generator=generator) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
+        if self.colour_jitter:
+            from harness.data.transforms import draw_jitter
+            out.update(draw_jitter(n, self.colour_jitter, generator))
+        return out
+
+    def _make(self, idx: torch.Tensor, augment: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """Crop (and flip) straight from the shared uint8 images into a float batch, then normalise
         in place: one uint8 read and three passes over the float output, no other copies."""
         size, stored = self.image_size, self.images.shape[-1]
-        if self.train:
+        if augment is not None:
             source = self.images
             if self.padding:
                 source = F.pad(self.images[idx], (self.padding,) * 4)
                 idx = torch.arange(len(idx))
-            span = source.shape[-1] - size
-            offsets = torch.randint(0, span + 1, (len(idx), 2), generator=generator).tolist()
-            flips = (torch.rand(len(idx), generator=generator) < 0.5).tolist() if self.hflip else [False] * len(idx)
+            offsets, flips = augment["offsets"].tolist(), augment["flips"].tolist()
         else:
             source, o = self.images, (stored - size) // 2
             offsets, flips = [(o, o)] * len(idx), [False] * len(idx)
         # On an accelerator the uint8 crops travel (4x fewer bytes) and become floats there.
-        dtype = torch.uint8 if self.device.type != "cpu" else torch.float32
-        out = torch.empty((len(idx), 3, size, size), dtype=dtype)
+        on_cpu, dtype = self.device.type == "cpu", torch.get_default_dtype()
+        out = torch.empty((len(idx), 3, size, size), dtype=dtype if on_cpu else torch.uint8, pin_memory=self.pin)
         for i, (j, (oy, ox), flip) in enumerate(zip(idx.tolist(), offsets, flips)):
             crop = source[j, :, oy:oy + size, ox:ox + size]
             out[i].copy_(crop.flip(-1) if flip else crop)  # uint8 -> float while copying on CPU
-        out = out.to(self.device, non_blocking=True).float()
-        if self.colour_jitter:
-            from harness.data.transforms import colour_jitter
-            out = colour_jitter(out, self.colour_jitter, generator)
+        out = out.to(self.device, non_blocking=True)
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        out = out.to(dtype)
+        if augment is not None and self.colour_jitter:
+            from harness.data.transforms import apply_jitter
+            out = apply_jitter(out, augment)
         for c in range(3):  # (x - mean) / std with per-channel scalars, in place
             out[:, c].mul_(self.scale[c]).add_(self.bias[c])
         return out

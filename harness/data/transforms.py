@@ -25,25 +25,37 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x[:, 0] * _GRAY[0] + x[:, 1] * _GRAY[1] + x[:, 2] * _GRAY[2])[:, None]  # (B, 1, H, W)
 
 
+def draw_jitter(n: int, strength: list[float], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Per-image factors of brightness, contrast, saturation (in [1-s, 1+s]) and hue shifts (in [-h, h]),
+    drawn in that order, each only when its strength is non-zero."""
+    out = {}
+    for name, s in zip(("brightness", "contrast", "saturation", "hue"), strength):
+        if s:
+            draw = (torch.rand(n, generator=generator) * 2 - 1) * s
+            out[name] = draw if name == "hue" else 1 + draw
+    return out
+
+
+def apply_jitter(x: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply `draw_jitter` factors to (B, 3, H, W) floats in [0, 255], in torchvision's order."""
+    def per_image(name: str) -> torch.Tensor:
+        return factors[name].to(x.device).view(-1, 1, 1, 1)
+
+    if "brightness" in factors:
+        x = (x * per_image("brightness")).clamp_(0, 255)
+    if "contrast" in factors:
+        mean = _gray(x).mean((2, 3), keepdim=True)
+        x = ((x - mean) * per_image("contrast") + mean).clamp_(0, 255)
+    if "saturation" in factors:
+        gray = _gray(x)
+        x = ((x - gray) * per_image("saturation") + gray).clamp_(0, 255)
+    if "hue" in factors:
+        from torchvision.transforms.v2.functional import adjust_hue
+        x = torch.stack([adjust_hue(img / 255, h) * 255 for img, h in zip(x, factors["hue"].tolist())])
+    return x
+
+
 def colour_jitter(x: torch.Tensor, strength: list[float], generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image brightness, contrast, saturation (factors in [1-s, 1+s]) and hue (shift in [-h, h]), in
     that order, on (B, 3, H, W) floats in [0, 255], as torchvision's ColorJitter does per image."""
-    brightness, contrast, saturation, hue = strength
-    b = len(x)
-
-    def factors(s: float) -> torch.Tensor:
-        return (1 + (torch.rand(b, generator=generator) * 2 - 1) * s).to(x.device).view(b, 1, 1, 1)
-
-    if brightness:
-        x = (x * factors(brightness)).clamp_(0, 255)
-    if contrast:
-        mean = _gray(x).mean((2, 3), keepdim=True)
-        x = ((x - mean) * factors(contrast) + mean).clamp_(0, 255)
-    if saturation:
-        gray = _gray(x)
-        x = ((x - gray) * factors(saturation) + gray).clamp_(0, 255)
-    if hue:
-        from torchvision.transforms.v2.functional import adjust_hue
-        shifts = ((torch.rand(b, generator=generator) * 2 - 1) * hue).tolist()
-        x = torch.stack([adjust_hue(img / 255, h) * 255 for img, h in zip(x, shifts)])
-    return x
+    return apply_jitter(x, draw_jitter(len(x), strength, generator))
