@@ -8,8 +8,6 @@ stages 0..l (timm's `features_only=True` stages, e.g. for a ResNet: stem, layer1
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
 import timm
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,7 +23,6 @@ class BackboneConfig(BaseModel):
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     kwargs: dict = Field(default_factory=dict, description="extra timm.create_model arguments, e.g. "
                                                            "{img_size: 64, window_size: 2} for a small Swin")
-    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
 
 
 class StagedBackbone(nn.Module):

@@ -16,7 +16,8 @@ What makes a W-worker trial equal to its one-worker twin (same global batch, sam
 - a parameter that got no gradient on a step (PMG's early exit stops before the later stages) is
   treated identically everywhere: one small collective first tells every rank which parameters
   have a gradient on ANY rank; those get one (zero-filled where missing) and are averaged, the
-  others keep none, so SGD skips them on every rank alike;
+  others keep none, so SGD skips them on every rank alike. Gradients that are all zero on every
+  rank (zero-filled by PyTorch 1.x zero_grad semantics) are not sent: their average is zero;
 - the loss enters that small collective too, so a divergence (NaN/inf) is seen by every rank at the
   same step and all of them stop, instead of one rank raising while the others wait forever;
 - method state outside the parameters that a training step changes with per-image sums (WS-DAN's
@@ -68,17 +69,24 @@ class ProcessGroupCollective(Collective):
 
     def average_gradients(self, params: list[nn.Parameter], loss: torch.Tensor) -> float:
         device = params[0].device
-        # One small collective: which parameters have a gradient on any rank, and the loss.
-        flags = torch.tensor([float(p.grad is not None) for p in params] + [float(loss.detach())],
-                             dtype=torch.float64, device=device)
+        n = len(params)
+        # One small collective: per parameter, on how many ranks it has a gradient and on how many that
+        # gradient is not all zero (PyTorch 1.x zero_grad semantics zero-fill the parameters a step does
+        # not reach, e.g. the stages after PMG's early exit), and the loss.
+        has = [p.grad is not None for p in params]
+        nonzero = torch.stack([p.grad.detach().ne(0).any() if h else torch.zeros((), dtype=torch.bool, device=device)
+                               for p, h in zip(params, has)]) if n else torch.zeros(0, dtype=torch.bool)
+        flags = torch.cat([torch.tensor(has, dtype=torch.float64, device=device), nonzero.to(torch.float64),
+                           loss.detach().reshape(1).to(device=device, dtype=torch.float64)])
         dist.all_reduce(flags)
         flags = flags.tolist()
         grads = []
-        for p, any_rank in zip(params, flags[:-1]):
-            if any_rank:
+        for p, on_any, nonzero_on_any in zip(params, flags[:n], flags[n:2 * n]):
+            if on_any:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
+                if nonzero_on_any:  # all zero everywhere: the average is zero, nothing to send
+                    grads.append(p.grad)
         for bucket in _buckets(grads, self.bucket_bytes):
             flat = torch.cat([g.reshape(-1) for g in bucket])  # one collective per bucket
             dist.all_reduce(flat)

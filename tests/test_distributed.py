@@ -42,10 +42,13 @@ class Capture(TrialIO):
             self.states.append(state)
 
 
-def _worker(rank: int, world: int, init_file: str, cfg: dict, out: str, dtype: torch.dtype = torch.float32) -> None:
+def _worker(rank: int, world: int, init_file: str, cfg: dict, out: str, dtype: torch.dtype = torch.float32,
+            backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(dtype)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)  # as Ray Train does by giving each worker its own visible GPU
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         io = Capture()
         final = run_trial(cfg, load_imageset(DATA, 36), io, ProcessGroupCollective())
@@ -55,10 +58,10 @@ def _worker(rank: int, world: int, init_file: str, cfg: dict, out: str, dtype: t
         dist.destroy_process_group()
 
 
-def run_workers(cfg: dict, world: int = 2, dtype: torch.dtype = torch.float32) -> list[dict]:
+def run_workers(cfg: dict, world: int = 2, dtype: torch.dtype = torch.float32, backend: str = "gloo") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), cfg, out, dtype), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), cfg, out, dtype, backend), nprocs=world, join=True)
         return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
 
 
@@ -181,13 +184,16 @@ def test_cpu_sync_batchnorm_equals_batchnorm_on_the_global_batch():
 def _grad_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        a, b, c, d, e = (torch.nn.Parameter(torch.zeros(3)) for _ in range(5))
         a.grad = torch.full((3,), float(rank + 1))  # 1 and 2: mean 1.5
         if rank == 0:
             b.grad = torch.ones(3) * 4  # only rank 0 has one: (4 + 0) / 2
+        d.grad = torch.zeros(3)  # zero-filled everywhere (PyTorch 1.x zero_grad): stays zero, nothing sent
+        e.grad = torch.zeros(3) if rank == 0 else torch.full((3,), 6.0)  # zero on one rank only: averaged
         loss = torch.tensor(float("nan") if rank == 1 else 1.0)
-        mean_loss = ProcessGroupCollective(bucket_bytes=8).average_gradients([a, b, c], loss)
-        torch.save({"a": a.grad, "b": b.grad, "c": c.grad, "loss": mean_loss}, f"{out}.{rank}")
+        mean_loss = ProcessGroupCollective(bucket_bytes=8).average_gradients([a, b, c, d, e], loss)
+        torch.save({"a": a.grad, "b": b.grad, "c": c.grad, "d": d.grad, "e": e.grad, "loss": mean_loss},
+                   f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -200,6 +206,7 @@ def test_gradient_average_treats_missing_gradients_alike_and_sees_every_loss():
     for r in ranks:
         assert torch.equal(r["a"], torch.full((3,), 1.5)) and torch.equal(r["b"], torch.full((3,), 2.0))
         assert r["c"] is None  # no rank had one: SGD skips it everywhere
+        assert torch.equal(r["d"], torch.zeros(3)) and torch.equal(r["e"], torch.full((3,), 3.0))
         assert r["loss"] != r["loss"]  # NaN on one rank is NaN for all: every rank stops at the same step
 
 

@@ -229,3 +229,15 @@ def test_comparison_study_covers_every_registered_method(monkeypatch):
     assert {t.config["dataset"]["name"] for t in paper.trials} == {
         "cub200", "stanford_cars", "fgvc_aircraft", "stanford_dogs", "nabirds"}
     assert {t.config["method"]["name"] for t in paper.trials} == set(METHODS.names())
+
+
+def test_workers_need_a_batch_that_divides_and_whole_gpus(tiny_study):
+    study = load_study(tiny_study, overrides=["resources.workers=2"])
+    assert study.study.resources.workers == 2
+    with pytest.raises(StudyError, match=r"train.batch_size=8 does not divide by resources.workers=3.*e.g. 9"):
+        load_study(tiny_study, overrides=["resources.workers=3"])
+    with pytest.raises(StudyError, match="several workers of one trial need a whole GPU each"):
+        load_study(tiny_study, overrides=["resources.workers=2", "resources.gpu=0.5"])
+    # The batch may divide in the base but not in a grid point: the message names that trial.
+    with pytest.raises(StudyError, match=r"(?s)batch_size=6 does not divide.*in the trial with .*train.batch_size=6"):
+        load_study(tiny_study, overrides=["resources.workers=4", "grid.train.batch_size=[8, 6]"])
