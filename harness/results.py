@@ -2,10 +2,12 @@
 
     trials/<identity>/result.json   one record per trial, written atomically when the trial ends
     trials/<identity>/curves.json   its per-epoch metrics
-    trials/<identity>/checkpoint.pt the engine's latest epoch checkpoint (resume after an interrupt)
-    results.parquet                 one row per trial of the current study (rebuilt after each trial)
-    curves.parquet                  per-epoch metrics in long form
+    results.parquet                 one row per trial of the current study (rewritten after each trial)
+    curves.parquet                  per-epoch metrics in long form (written at the end of a run)
     study.yaml                      the fully resolved study as it was run
+    run.json                        how the last run went: wall time, driver memory, cluster, versions
+    .lock                           held by the driver that is running the study (RunLock)
+    ray/                            what Ray persists (checkpoints), unless --storage puts it elsewhere
 
 Every file is written to a temporary name and renamed into place, so a reader (or a crash) never
 sees a half-written file; finished trials stay finished whatever happens to the run after them.
@@ -78,22 +80,37 @@ def _plain(value: Any) -> Any:
 
 
 class ResultStore:
+    """Records are read from disk at most once per process and kept in memory, so storing a trial's
+    result and refreshing results.parquet costs the same whether the study has 10 trials or 2,000;
+    curves.parquet (the largest table: epochs x metrics per trial) is rebuilt only at the end of a run."""
+
     def __init__(self, run_dir: str | os.PathLike):
         self.root = Path(run_dir)
         self.trials_dir = self.root / "trials"
         self._versions: dict[str, str] | None = None
+        self._records: dict[str, dict | None] = {}
+        self._curves: dict[str, list[dict]] = {}
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.trials_dir / trial_id
 
     def record(self, trial_id: str) -> dict | None:
-        path = self.trial_dir(trial_id) / "result.json"
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
+        if trial_id not in self._records:
+            path = self.trial_dir(trial_id) / "result.json"
+            try:
+                self._records[trial_id] = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                self._records[trial_id] = None
+        return self._records[trial_id]
+
+    def curves(self, trial_id: str) -> list[dict]:
+        if trial_id not in self._curves:
+            path = self.trial_dir(trial_id) / "curves.json"
+            try:
+                self._curves[trial_id] = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                self._curves[trial_id] = []
+        return self._curves[trial_id]
 
     def finished_ids(self, trial_ids: list[str]) -> set[str]:
         return {t for t in trial_ids if (r := self.record(t)) is not None and r.get("status") == FINISHED}
@@ -110,28 +127,77 @@ class ResultStore:
                **{k: v for k, v in metrics.items() if k not in ("status", "error", "kind", "trial_id")},
                **self._versions, "config": json.dumps(cfg, sort_keys=True)}
         atomic_write_bytes(self.trial_dir(spec.trial_id) / "result.json", json.dumps(row, default=str).encode())
+        self._records[spec.trial_id] = json.loads(json.dumps(row, default=str))
         if curves is not None:
             atomic_write_bytes(self.trial_dir(spec.trial_id) / "curves.json", json.dumps(curves).encode())
+            self._curves[spec.trial_id] = curves
         return row
 
-    def write_tables(self, trials: list[TrialSpec]) -> pd.DataFrame:
-        """Rebuild results.parquet and curves.parquet from the records of the study's current trials."""
-        rows, curves = [], []
-        for spec in trials:
-            record = self.record(spec.trial_id)
-            if record is None:
-                continue
-            rows.append(record)
-            curve_path = self.trial_dir(spec.trial_id) / "curves.json"
-            if curve_path.exists():
-                for epoch_metrics in json.loads(curve_path.read_text()):
-                    epoch = epoch_metrics.get("epoch")
-                    for metric, value in epoch_metrics.items():
-                        if metric != "epoch" and isinstance(value, (int, float)):
-                            curves.append({"trial_id": spec.trial_id, "seed": spec.config["seed"],
-                                           **{a: _plain(v) for a, v in spec.axes.items()},
-                                           "epoch": epoch, "metric": metric, "value": float(value)})
-        results = pd.DataFrame(rows)
+    def write_tables(self, trials: list[TrialSpec], curves: bool = True) -> pd.DataFrame:
+        """results.parquet (and curves.parquet, unless `curves=False`) of the study's current trials."""
+        results = pd.DataFrame([r for spec in trials if (r := self.record(spec.trial_id)) is not None])
         atomic_write_parquet(results, self.root / "results.parquet")
-        atomic_write_parquet(pd.DataFrame(curves), self.root / "curves.parquet")
+        if curves:
+            rows = []
+            for spec in trials:
+                if self.record(spec.trial_id) is None:
+                    continue
+                axes = {a: _plain(v) for a, v in spec.axes.items()}
+                for epoch_metrics in self.curves(spec.trial_id):
+                    epoch = epoch_metrics.get("epoch")
+                    rows.extend({"trial_id": spec.trial_id, "seed": spec.config["seed"], **axes, "epoch": epoch,
+                                 "metric": metric, "value": float(value)}
+                                for metric, value in epoch_metrics.items()
+                                if metric != "epoch" and isinstance(value, (int, float)))
+            atomic_write_parquet(pd.DataFrame(rows), self.root / "curves.parquet")
         return results
+
+
+class RunLocked(RuntimeError):
+    """Another driver is running the same study and profile."""
+
+
+class RunLock:
+    """One driver per study and profile: an exclusive lock on `<run_dir>/.lock`, held while the run lasts.
+
+    The kernel releases it when its process ends however it ends (SIGKILL included), so a crashed driver
+    never leaves it stuck. The file names its holder, so the refusal can say who that is."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / ".lock"
+        self._file = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            f.close()
+            raise RunLocked(f"another run of this study and profile is in progress ({holder}); it holds "
+                            f"{self.path}. Wait for it to finish (the next run skips what it finished) or stop it; "
+                            "the lock goes with its process.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)}")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None

@@ -70,6 +70,9 @@ class TrainConfig(Strict):
     channels_last: bool = Field(False, description="NHWC memory layout of the model and its input (faster convolutions "
                                                    "on tensor-core GPUs)")
     compile: bool = Field(False, description="torch.compile the method (first steps pay the compilation)")
+    timeout_s: float | None = Field(None, gt=0.0, description="stop a trial still running after this many "
+                                    "seconds (hung or too slow) and record it failed with the reason; not part "
+                                    "of the trial's identity")
 
     @model_validator(mode="before")
     @classmethod

@@ -66,7 +66,38 @@ def all_axes(study: Study) -> list[str]:
     return list(dict.fromkeys(axis for grid in grids for axis in grid))
 
 
+# How a trial is run, not what it computes: changing these never reruns a finished trial.
+IDENTITY_NEUTRAL = {"train": {"timeout_s"}}
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=None)
+def schema_defaults(model: type[BaseModel]) -> dict[str, str]:
+    """Each optional field's default, as JSON (what a resolved config holds when the study leaves it out)."""
+    return {name: _json(f.get_default(call_default_factory=True)) for name, f in model.model_fields.items()
+            if not f.is_required()}
+
+
+def identity_config(config: dict) -> dict:
+    """What a trial's identity is made of: every setting that differs from its schema default (plus the
+    plugin names and the seed). A field added later with a default is absent from it, so upgrading the
+    harness keeps the identities (and results) of finished trials; changing a DEFAULT therefore changes
+    what old identities compute, and must come with a MATH_VERSION bump (tests/test_identity.py guards it)."""
+    out: dict = {"seed": config["seed"]}
+    for section, model in _section_models(config).items():
+        defaults, neutral = schema_defaults(model), IDENTITY_NEUTRAL.get(section, set())
+        out[section] = {k: v for k, v in config[section].items()
+                        if k == "name" or (k not in neutral and (k not in defaults or _json(v) != defaults[k]))}
+    return out
+
+
 def trial_identity(config: dict) -> str:
+    """A short hash of the trial's identity config and the harness's MATH_VERSION."""
+    if set(config) >= {"method", "dataset", "backbone", "train", "seed"}:
+        config = identity_config(config)
     blob = json.dumps({**config, "math_version": MATH_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

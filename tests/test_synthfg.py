@@ -47,10 +47,11 @@ def test_intra_class_variation_is_large():
 def test_cache_is_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("FGVC_HARNESS_CACHE", str(tmp_path))
     first = load_imageset(SMALL, 32)
-    entries = list(cache_dir().iterdir())
+    entries = [e for e in cache_dir().iterdir() if not e.name.startswith(".")]  # besides the lock files
     assert len(entries) == 1 and (entries[0] / "meta.json").exists()
     import harness.data.synthfg as synthfg
     monkeypatch.setattr(synthfg, "generate", lambda *a, **k: pytest.fail("regenerated instead of read from cache"))
     second = load_imageset(SMALL, 32)
     assert np.array_equal(first.train.images, second.train.images)
+    assert isinstance(second.train.images, np.memmap) and not second.train.images.flags.writeable  # shared, read-only
     assert second.class_names == first.class_names and second.part_names == first.part_names

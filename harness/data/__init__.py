@@ -1,14 +1,23 @@
-"""Datasets: one file per family, registered by name, decoded once into a uint8 cache on disk.
+"""Datasets: one file per family, registered by name, decoded once per node into a uint8 cache on disk.
 
 `load_imageset(params, size)` returns the ImageSet of a validated dataset section at one stored
-size, building it on the first call and reading the cache (keyed by family, parameters, size and a
-fingerprint of the tree on disk) afterwards: both splits are decoded once, as uint8.
+size. The first call on a node decodes both splits into that node's cache (keyed by family,
+parameters, size and a fingerprint of the tree on disk) while holding a file lock, so trials that
+start together on a node wait for one decode instead of each doing it; every later call, from any
+process of the node, memory-maps the cached arrays read-only: the trials of a node share one copy
+in the page cache, and nothing is copied into a process until it is read.
+
+Where the source images come from: the dataset `root` must be readable at the same path on every
+node that runs trials (a shared file system, or the same copy on each node); synthfg needs
+nothing, each node renders it. The cache lives in `$FGVC_HARNESS_CACHE` (default
+`~/.cache/fgvc_harness`), which should be node-local disk.
 
 `python -m harness.data check NAME ROOT` checks a copy of a dataset before a long run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -68,15 +77,24 @@ def cache_key(params: BaseModel, size: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def cache_path(params: BaseModel, size: int) -> Path:
+    return cache_dir() / f"{params.name}-{size}px-{cache_key(params, size)}"
+
+
 def load_imageset(params: BaseModel, size: int, use_cache: bool = True) -> ImageSet:
+    """This node's copy of a dataset at one stored size: decoded on the first call on the node (under a
+    file lock), memory-mapped read-only afterwards. `use_cache=False` decodes into memory, caching nothing."""
     family = DATASETS.get(params.name)
-    path = cache_dir() / f"{params.name}-{size}px-{cache_key(params, size)}"
-    if use_cache and (path / "meta.json").exists():
-        return _read(path)
-    imageset = family.build(params, size)
-    if use_cache:
-        _write(imageset, path)
-    return imageset
+    if not use_cache:
+        return family.build(params, size)
+    path = cache_path(params, size)  # fingerprints the tree: an edited tree is decoded again
+    if not (path / "meta.json").exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, whatever happens to it
+            if not (path / "meta.json").exists():  # another process may have built it while we waited
+                _write(family.build(params, size), path)
+    return _read(path)
 
 
 def _write(s: ImageSet, path: Path) -> None:
@@ -107,7 +125,8 @@ def _read(path: Path) -> ImageSet:
 
     def split(name: str) -> Split:
         boxes = path / f"{name}_boxes.npy"
-        return Split(images=np.load(path / f"{name}_images.npy"), labels=np.load(path / f"{name}_labels.npy"),
+        return Split(images=np.load(path / f"{name}_images.npy", mmap_mode="r"),
+                     labels=np.load(path / f"{name}_labels.npy"),
                      boxes=np.load(boxes) if boxes.exists() else None)
 
     return ImageSet(name=meta["name"], num_classes=meta["num_classes"], class_names=meta["class_names"],

@@ -1,0 +1,211 @@
+"""Orchestration with Ray Tune and Ray Train: the ONLY package that imports Ray.
+
+- Starts a local Ray in-process (the default) or joins a cluster (`address="auto"` or HOST:PORT).
+- Skips trials whose identity already has a finished result, and says so.
+- Data without the driver: before any trial starts, each dataset the study needs is decoded by a
+  Ray task into the node-local cache of the node it lands on (a broken tree is reported there,
+  with nothing trained); every trial then memory-maps its node's copy, decoding it first if it is
+  the first on its node (harness.data.load_imageset). The driver holds no images.
+- Storage (`--storage`: a local path, an NFS mount, s3:// or gs://) for everything Ray persists;
+  on a cluster, a pre-flight check proves that every node that can run trials reads and writes it.
+- Runs one Tune trial per TrialSpec (a function trainable, harness.orchestrate._trial):
+  - `resources.workers: 1`: the trial is one process with `cpu`/`gpu` (fractional GPUs allowed),
+    the engine runs inside the Tune trial, and its epoch checkpoints are Tune checkpoints;
+  - `workers > 1`: the Tune trial is a thin driver (it reserves no CPU) that runs a Ray Train V2
+    `TorchTrainer` of `workers` processes with `cpu`/`gpu` each in the trainer's own placement
+    group (gloo on CPU, nccl on GPU); rank 0 writes the epoch checkpoints and its metrics reach Tune
+    through TuneReportCallback; `max_concurrent_trials` keeps the worker groups within the cluster.
+- Failures: a trial resumes from its newest readable checkpoint when its worker group fails (Train
+  retries it), when its process or node dies (Tune retries it elsewhere), and when the study is run
+  again after the driver was interrupted or killed. A trial that raises (or whose loss diverges)
+  reports a `failed` record with its error; a trial past `train.timeout_s` is stopped and recorded
+  failed with the reason (harness.orchestrate._callback).
+- Finished trials are written by a driver-side callback the moment they end; their checkpoints are
+  then deleted (unless `keep_checkpoints`).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before Ray is imported: no usage stats, no per-trial CSV/TensorBoard loggers (the store keeps the
+# results), and Ctrl-C reaches us as KeyboardInterrupt instead of Tune's own graceful-stop handler.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+# Token authentication stays on (Ray's default since 2.59), said explicitly so Ray does not warn at every
+# start; a multi-node cluster needs the same token on every node (README, "Running on a cluster").
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+import logging  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+
+from harness.data._decode import DatasetError  # noqa: E402
+from harness.orchestrate._callback import StoreCallback  # noqa: E402
+from harness.orchestrate._storage import CheckpointStore, Storage, check_storage_reachable  # noqa: E402
+from harness.orchestrate._trial import dataset_key, prepare_dataset, trainable  # noqa: E402
+from harness.results import ResultStore  # noqa: E402
+from harness.trials import ResolvedStudy  # noqa: E402
+
+# Tune's ResultGrid looks for the per-trial CSV/JSON loggers we turned off; the store has the results.
+logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+
+__all__ = ["RunSummary", "run_study", "start_ray", "shutdown", "cluster_description"]
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    skipped: int = 0
+    finished: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    interrupted: bool = False
+    cluster: dict = field(default_factory=dict)
+
+
+def start_ray(address: str | None, num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join a cluster, or start a local Ray. `dashboard`: its state API, which Ray Train's placement-group
+    cleaner polls (data-parallel trials); 0.8 s more at start here, so single-process studies go without."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, logging_level="WARNING",
+                 log_to_driver=True, configure_logging=True)
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_description() -> dict:
+    """Nodes, CPUs and GPUs of the Ray cluster this driver is connected to (for the run's metadata)."""
+    if not ray.is_initialized():
+        return {}
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    total = ray.cluster_resources()
+    return {"nodes": len(nodes), "cpus": total.get("CPU", 0), "gpus": total.get("GPU", 0),
+            "gpu_types": sorted({k.removeprefix("accelerator_type:") for n in nodes for k in n["Resources"]
+                                 if k.startswith("accelerator_type:")})}
+
+
+def check_resources(resolved: ResolvedStudy) -> str | None:
+    """A study that asks for more than the cluster has would wait forever: say so instead."""
+    need = resolved.study.resources
+    have = ray.cluster_resources()
+    cpus, gpus = need.workers * need.cpu, need.workers * need.gpu
+    per = f" ({need.workers} workers x {need.cpu} CPU, {need.gpu} GPU)" if need.workers > 1 else ""
+    if gpus > have.get("GPU", 0):
+        return (f"a trial needs {gpus} GPUs{per} but the Ray cluster has {have.get('GPU', 0)}; set resources.gpu: 0 "
+                "(e.g. --set resources.gpu=0), fewer resources.workers, or join a GPU cluster with --address")
+    if cpus > have.get("CPU", 0):
+        return (f"a trial needs {cpus} CPUs{per} but the Ray cluster has {have.get('CPU', 0)}; "
+                "lower resources.cpu or resources.workers")
+    return None
+
+
+def max_concurrent(resolved: ResolvedStudy) -> int:
+    """Trials whose worker groups fit in the cluster at once. Tune cannot see a Train run's placement
+    group (the Tune trial reserves none of it), so without this cap it would start every trial's
+    driver and the worker groups would queue behind each other's placement groups."""
+    need = resolved.study.resources
+    have = ray.cluster_resources()
+    fits = have.get("CPU", 0) // (need.workers * need.cpu)
+    if need.gpu:
+        fits = min(fits, have.get("GPU", 0) // (need.workers * need.gpu))
+    return max(1, int(fits))
+
+
+def prepare_datasets(todo, log) -> dict[str, int]:
+    """Each dataset decoded once on a node (not in the driver) before any trial starts; its class count."""
+    configs = {dataset_key(spec.config): spec.config for spec in todo}
+    t0 = time.perf_counter()
+    outcomes = dict(zip(configs, ray.get([prepare_dataset.remote(c) for c in configs.values()])))
+    errors = [o["error"] for o in outcomes.values() if "error" in o]
+    if errors:
+        raise DatasetError("\n".join(errors))
+    size = sum(o["bytes"] for o in outcomes.values()) / 2**20
+    log(f"{len(outcomes)} dataset(s) ready in the node cache ({size:.0f} MB decoded) in {time.perf_counter() - t0:.1f} s")
+    return {key: o["num_classes"] for key, o in outcomes.items()}
+
+
+def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str | None = None,
+              max_retries: int = 1, num_cpus: int | None = None, log=print, keep_checkpoints: bool = False,
+              storage: str | None = None) -> RunSummary:
+    """Run every unfinished trial of the study. `storage`: where Ray persists checkpoints (default
+    `<run_dir>/ray`; a shared path or s3:// / gs:// URI on a multi-node cluster)."""
+    store = ResultStore(run_dir)
+    summary = RunSummary(total=len(resolved.trials))
+    done = store.finished_ids([t.trial_id for t in resolved.trials])
+    todo = [t for t in resolved.trials if t.trial_id not in done]
+    summary.skipped, summary.total = len(done), len(todo)
+    if done:
+        log(f"skipping {len(done)} of {len(resolved.trials)} trials already finished "
+            f"(their identities have results in {store.trials_dir})")
+    if not todo:
+        store.write_tables(resolved.trials)
+        return summary
+
+    resources = resolved.study.resources
+    t0 = time.perf_counter()
+    start_ray(address, num_cpus, dashboard=resources.workers > 1)
+    summary.cluster = cluster_description()
+    problem = check_resources(resolved)
+    if problem:
+        raise ValueError(problem)
+    where = Storage(storage) if storage else Storage(Path(run_dir) / "ray")
+    checkpoints = CheckpointStore(where, f"{resolved.name}/{resolved.profile}" if storage else "")
+    if address:  # a cluster: every node that may run (or resume) a trial must see the checkpoints
+        problem = check_storage_reachable(where)
+        if problem:
+            raise ValueError(problem)
+    log(f"Ray {'joined at ' + address if address else 'started locally'} in {time.perf_counter() - t0:.1f} s; "
+        f"{len(todo)} trials to run, resources per trial: {resources.model_dump()}; storage: {where}")
+    num_classes = prepare_datasets(todo, log)
+
+    common = {"workers": resources.workers, "cpu": resources.cpu, "gpu": resources.gpu, "max_retries": max_retries,
+              "train_storage": where.uri(checkpoints.train_root)}
+    checkpoints.clear_timeouts([s.trial_id for s in todo])  # a rerun gets a fresh limit (it may have been raised)
+    payload = [{"trial_id": spec.trial_id, "config": spec.config, **common,
+                "timeout_marker": checkpoints.timeout_marker(spec.trial_id),
+                "resume_from": checkpoints.earlier_runs(spec.trial_id) if resources.workers == 1 else []}
+               for spec in todo]
+    resumed = sum(bool(p["resume_from"]) for p in payload)
+    if resumed:
+        log(f"{resumed} unfinished trials resume from their last epoch checkpoint")
+    if resources.workers == 1:
+        trial_resources, concurrency = {"cpu": resources.cpu, "gpu": resources.gpu}, None
+    else:
+        # The Tune trial only drives its Train run: it reserves a token of memory, no CPU, so the
+        # workers' bundles are the only CPUs and GPUs reserved for the trial.
+        trial_resources, concurrency = {"cpu": 0, "memory": 2**20}, max_concurrent(resolved)
+    callback = StoreCallback(store, {s.trial_id: s for s in todo}, resolved.trials, summary, log, checkpoints,
+                             resources.workers, keep_checkpoints, num_classes)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, trial_resources),
+        param_space={"trial": tune.grid_search(payload)},
+        # reuse_actors: one worker process runs trial after trial, instead of a fresh process (and a
+        # fresh torch/timm import) per trial.
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=concurrency,
+                                    trial_name_creator=lambda t: t.config["trial"]["trial_id"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
+        run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=where.uri(checkpoints.tune_root),
+                                  failure_config=tune.FailureConfig(max_failures=max_retries),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                  callbacks=[callback], verbose=0),
+    )
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    store.write_tables(resolved.trials)
+    return summary

@@ -1,0 +1,187 @@
+"""Where Ray persists what a run needs to resume: a local path, an NFS mount, or an object store.
+
+`Storage("runs/x/ray")`, `Storage("/mnt/nfs/fgvc")` or `Storage("s3://bucket/fgvc")`: Ray gets its
+URI as `storage_path`; the harness reads and deletes checkpoints through the same pyarrow file
+system. Layout under a study's prefix (`<study>/<profile>` on shared storage; none under the
+default `runs/<study>/<profile>/ray`):
+
+    tune/<run stamp>/<trial>/checkpoint_*   Tune checkpoints of single-process trials (one experiment per run)
+    train/<trial>/checkpoint_*              Ray Train checkpoints of data-parallel trials (a run per trial)
+    timeouts/<trial>                        why a trial was stopped for exceeding train.timeout_s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+METADATA_FILE = ".metadata.json"  # written by ray.train.Checkpoint.set_metadata: {"epoch": n}
+
+
+class Storage:
+    def __init__(self, location: str | os.PathLike):
+        text = str(location)
+        if "://" in text and not text.startswith("file://"):
+            self.fs, root = pafs.FileSystem.from_uri(text)
+            self.scheme, self.local = text.split("://", 1)[0], False
+        else:
+            root = str(Path(text.removeprefix("file://")).expanduser().resolve())
+            self.fs, self.scheme, self.local = pafs.LocalFileSystem(), "", True
+        self.root = root.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        """A path for the pyarrow file system."""
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def uri(self, path: str) -> str:
+        """What Ray takes as a storage path or a checkpoint location."""
+        return path if self.local else f"{self.scheme}://{path}"
+
+    def __str__(self) -> str:
+        return self.uri(self.root)
+
+    def dirs(self, path: str) -> list[str]:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            return []
+        return sorted(i.path for i in infos if i.type == pafs.FileType.Directory)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_text(self, path: str) -> str | None:
+        try:
+            with self.fs.open_input_stream(path) as f:
+                return f.read().decode()
+        except (OSError, FileNotFoundError):
+            return None
+
+    def write_text(self, path: str, text: str) -> None:
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(text.encode())
+
+    def delete_dir(self, path: str) -> None:
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+
+    def delete_file(self, path: str) -> None:
+        if self.fs.get_file_info(path).type == pafs.FileType.File:
+            self.fs.delete_file(path)
+
+
+def checkpoint_epoch(fs: pafs.FileSystem, checkpoint_dir: str) -> int:
+    """The epoch a checkpoint directory holds (its Ray metadata), -1 when unknown."""
+    try:
+        with fs.open_input_stream(f"{checkpoint_dir}/{METADATA_FILE}") as f:
+            return int(json.loads(f.read()).get("epoch", -1))
+    except (OSError, ValueError, AttributeError):
+        return -1
+
+
+def checkpoint_dirs(fs: pafs.FileSystem, parent: str) -> list[str]:
+    """The `checkpoint_*` directories in `parent`, newest epoch first."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    except OSError:
+        return []
+    found = [i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    return sorted(found, key=lambda d: checkpoint_epoch(fs, d), reverse=True)
+
+
+class CheckpointStore:
+    """The trial checkpoints of one study and profile (see the module docstring for the layout)."""
+
+    def __init__(self, storage: Storage, prefix: str = ""):
+        self.storage = storage
+        self.tune_root, self.train_root = storage.path(prefix, "tune"), storage.path(prefix, "train")
+        self.timeouts = storage.path(prefix, "timeouts")
+
+    def earlier_runs(self, trial_id: str) -> list[str]:
+        """URIs of a trial's Tune checkpoints from earlier runs of the study, newest epoch first."""
+        fs = self.storage.fs
+        found = [c for run in self.storage.dirs(self.tune_root) for c in checkpoint_dirs(fs, f"{run}/{trial_id}")]
+        return [self.storage.uri(c) for c in sorted(found, key=lambda d: checkpoint_epoch(fs, d), reverse=True)]
+
+    def delete(self, trial_id: str) -> None:
+        """Every checkpoint of a trial (once its result is stored)."""
+        for run in self.storage.dirs(self.tune_root):
+            for c in checkpoint_dirs(self.storage.fs, f"{run}/{trial_id}"):
+                self.storage.delete_dir(c)
+        self.storage.delete_dir(f"{self.train_root}/{trial_id}")
+
+    def timeout_marker(self, trial_id: str) -> str:
+        return self.storage.uri(f"{self.timeouts}/{trial_id}")
+
+    def mark_timeout(self, trial_id: str, reason: str) -> None:
+        self.storage.write_text(f"{self.timeouts}/{trial_id}", reason)
+
+    def clear_timeouts(self, trial_ids: list[str]) -> None:
+        """Forget the timeouts of trials about to run again (their limit may have been raised)."""
+        try:
+            marked = {i.base_name for i in self.storage.fs.get_file_info(
+                pafs.FileSelector(self.timeouts, allow_not_found=True))}
+        except OSError:
+            return
+        for trial_id in marked.intersection(trial_ids):
+            self.storage.delete_file(f"{self.timeouts}/{trial_id}")
+
+
+def read_marker(uri: str) -> str | None:
+    """The text of a marker file at a URI or local path, None when there is none."""
+    fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except (OSError, FileNotFoundError):
+        return None
+
+
+@ray.remote(num_cpus=0)
+def _probe_storage(marker_uri: str, token: str) -> str | None:
+    """On one node: can it read the driver's marker, and write beside it? None when it can."""
+    fs, path = pafs.FileSystem.from_uri(marker_uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            if f.read().decode() != token:
+                return f"{marker_uri} holds another run's token"
+    except (OSError, FileNotFoundError) as e:
+        return f"cannot read {marker_uri} written by the driver ({type(e).__name__})"
+    probe = f"{path}.{ray.get_runtime_context().get_node_id()[:12]}"
+    try:
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as e:
+        return f"cannot write there ({type(e).__name__}: {e})"
+    return None
+
+
+def check_storage_reachable(storage: Storage) -> str | None:
+    """Before any trial starts on a multi-node cluster: every node that can run trials must read and write
+    the storage (a local path on the head is invisible to the other nodes, and Ray would only notice when
+    a trial there saves its first checkpoint). Returns what is wrong, or None."""
+    nodes = [n for n in ray.nodes() if n["Alive"] and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))]
+    token = uuid.uuid4().hex
+    marker = storage.path(f".preflight-{token}")
+    storage.write_text(marker, token)
+    try:
+        refs = [_probe_storage.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(storage.uri(marker), token) for n in nodes]
+        problems = [(n, p) for n, p in zip(nodes, ray.get(refs, timeout=300)) if p]
+    finally:
+        storage.delete_file(marker)
+    if not problems:
+        return None
+    listing = "\n  ".join(f"node {n['NodeManagerAddress']} ({n['NodeID'][:12]}): {p}" for n, p in problems)
+    return (f"--storage {storage} is not reachable from {len(problems)} of the {len(nodes)} nodes that can run "
+            f"trials:\n  {listing}\nCheckpoints must be readable wherever a trial may resume: pass --storage a "
+            "shared file system mounted at the same path on every node (e.g. --storage /mnt/nfs/fgvc) or an "
+            "object store (--storage s3://bucket/fgvc, --storage gs://bucket/fgvc).")
