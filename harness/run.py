@@ -1,7 +1,8 @@
 """Run a study: python -m harness.run studies/<study>.yaml [--profile NAME] [--set key=value ...]
 
-Exit codes: 0 all trials finished; 2 invalid study or arguments (nothing started); 3 finished with
-failed trials; 130 interrupted (run the same command again to resume).
+Exit codes: 0 all trials finished; 2 invalid study, arguments, dataset or storage, or the same study and
+profile already running (nothing started); 3 finished with failed trials; 130 interrupted (run the same
+command again to resume).
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@ import os
 
 import pytest
 
+# As harness.orchestrate does before it imports Ray: test modules that import Ray themselves (and the
+# clusters they start) must use the same authentication mode as the harness processes they talk to.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 TINY_STUDY = """
 name: tiny
 method: {name: pmg, stages: 2, feature_size: 16, stage_dim: 32, backbone_lr_scale: 1.0, early_exit: true}

@@ -1,7 +1,7 @@
 """Decoded image sets and the per-batch tensor pipeline.
 
 An ImageSet holds every image of a dataset decoded once and resized to one square size, as uint8
-arrays (N, 3, R, R). They are shared read-only between trials (the Ray object store hands the same
+arrays (N, 3, R, R). They are shared read-only between trials (the node cache is memory-mapped: the same
 memory to every trial on a node), so nothing here ever writes into them. Augmentation (random
 crop with padding, horizontal flip) is done per batch on tensors, from a generator seeded by the
 trial seed and the epoch, so a resumed trial sees exactly the batches it would have seen.

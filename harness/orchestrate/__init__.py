@@ -34,7 +34,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+# Tune snapshots its experiment state whenever a checkpoint is registered with num_to_keep set, and warns
+# each time; once per epoch per trial is what we ask for.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # Token authentication stays on (Ray's default since 2.59), said explicitly so Ray does not warn at every
 # start; a multi-node cluster needs the same token on every node (README, "Running on a cluster").
 os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -141,8 +141,9 @@ def failed_record(e: BaseException | str, trace: str | None = None) -> dict:
 
 
 def _quiet() -> None:
-    # Tune and Train log every checkpoint and report at INFO through the root logger; keep warnings.
-    logging.getLogger().setLevel(logging.WARNING)
+    # Tune and Train log every checkpoint and report at INFO; keep warnings.
+    for name in ("", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def trainable(config: dict) -> None:
