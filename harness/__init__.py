@@ -10,4 +10,6 @@ __version__ = "0.1.0"
 # of every trial's identity, so finished results computed by older math are rerun, not reused.
 # 2: the input pipeline normalises as x * scale + bias (rounding differs from v1)
 # 3: the method's random choices come from their own generator, no longer interleaved with the data's
-MATH_VERSION = 3
+# 4: WS-DAN maps drawn with replacement, AAM centres by Wen et al.'s rule, MKSMT with PyTorch 1.x zero_grad,
+#    Swin's final norm on the last stage
+MATH_VERSION = 4

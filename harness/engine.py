@@ -203,7 +203,8 @@ def run_trial(config: dict, imageset: ImageSet, io: TrialIO | None = None, colle
     shard = {"rank": collective.rank, "world_size": world, "device": device, "mean": mean, "std": std,
              "channels_last": train.channels_last}
     train_pipe = BatchPipeline(imageset.train, train.image_size, train.batch_size, train=True,
-                               padding=train.crop_padding, hflip=train.hflip, colour_jitter=train.colour_jitter, **shard)
+                               padding=train.crop_padding, hflip=train.hflip, colour_jitter=train.colour_jitter,
+                               random_scale=train.random_scale, **shard)
     eval_batch = train.eval_batch_size or 2 * train.batch_size
     test_pipe = BatchPipeline(imageset.test, train.image_size, max(1, eval_batch // world), train=False, **shard)
     if len(train_pipe) == 0:
@@ -270,6 +271,7 @@ def run_trial(config: dict, imageset: ImageSet, io: TrialIO | None = None, colle
     if train.eval_flips:
         final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip", collective=collective))
         final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip", collective=collective))
+    final.update(best_epochs(history))
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,
@@ -278,6 +280,20 @@ def run_trial(config: dict, imageset: ImageSet, io: TrialIO | None = None, colle
                   "world_size": world, "num_classes": imageset.num_classes,
                   "resumed_from_epoch": start_epoch, "history": history})
     return final
+
+
+def best_epochs(history: list[dict]) -> dict[str, float]:
+    """The best test accuracy over the evaluated epochs and the epoch it came from, for the primary head
+    (`test/acc_best`, `best_epoch`) and every head (`test/acc_best/<head>`, `best_epoch/<head>`): what the
+    PMG and WS-DAN authors report, where `test/acc` stays the last epoch's. Ties go to the earliest epoch."""
+    out: dict[str, float] = {}
+    keys = sorted({k for h in history for k in h if k == "test/acc" or k.startswith("test/acc/")})
+    for key in keys:
+        evaluated = [(h[key], h["epoch"]) for h in history if key in h]
+        value, epoch = max(evaluated, key=lambda ve: (ve[0], -ve[1]))
+        suffix = key.removeprefix("test/acc")  # "" or "/<head>"
+        out[f"test/acc_best{suffix}"], out[f"best_epoch{suffix}"] = value, epoch
+    return out
 
 
 def _average(values: dict[str, float], collective: Collective, device: torch.device) -> dict[str, float]:

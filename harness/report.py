@@ -134,7 +134,8 @@ def head_table(results: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     return table.rename(columns=lambda c: c.removeprefix("test/acc/")).round(1)
 
 
-def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFrame, out: Path, title: str) -> None:
+def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFrame, out: Path, title: str,
+                 protocol: str = "") -> None:
     """table.md holds every table; each also as CSV and LaTeX (table.csv, or table_<name>.csv when named)."""
     md = f"# {title}\n\nTop-1 % (mean ± std over seeds)\n"
     for name, (table, metric) in tables.items():
@@ -145,6 +146,9 @@ def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFram
         atomic_write_bytes(out / f"{stem}.tex", table.to_latex(escape=True, caption=caption).encode())
     if not heads.empty:
         md += f"\n## Accuracy of every head (%)\n\n{heads.to_markdown()}\n"
+    if protocol:
+        md += f"\n## Protocol: the paper's beside this run's\n\n{protocol}"
+        atomic_write_bytes(out / "protocol.md", protocol.encode())
     atomic_write_bytes(out / "table.md", md.encode())
 
 
@@ -235,7 +239,10 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         columns = spec.get("columns")
         plot_axes = [spec["rows"]] + ([columns] if isinstance(columns, str) else list(columns or []))
         write_plots(subset, subset_curves, plot_axes, spec["rows"], columns, first_metric, plot_dir)
-    write_tables(tables, head_table(results, axes), out, f"{study['name']} ({study['profile']} profile)")
+    from harness.protocol import protocol_markdown
+
+    write_tables(tables, head_table(results, axes), out, f"{study['name']} ({study['profile']} profile)",
+                 protocol_markdown(study))
     summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
                "failed": int((results["status"] == FAILED).sum())}
     atomic_write_bytes(out / "summary.json", json.dumps(summary).encode())

@@ -40,7 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def print_trials(resolved) -> None:
+    from harness.protocol import describe, protocol_markdown
+
     print(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials")
+    study = resolved.study.model_dump(mode="json")
+    print(protocol_markdown(study) or "\n".join(f"  {k}: {v}" for k, v in describe(study).items()))
     for spec in resolved.trials:
         print(f"  {spec.trial_id}  {spec.config['method']['name']:<10} {spec.label}")
 

@@ -44,7 +44,11 @@ class TrainConfig(Strict):
     crop_padding: int = Field(0, ge=0, description="zero padding before the random crop")
     hflip: bool = True
     colour_jitter: list[float] | None = Field(None, min_length=4, max_length=4, description=(
-        "[brightness, contrast, saturation, hue] per-image jitter in training, e.g. WS-DAN's [0.4, 0.4, 0.4, 0.1]"))
+        "[brightness, contrast, saturation, hue] per-image jitter in training, e.g. the WS-DAN PyTorch port's "
+        "[0.126, 0, 0.5, 0]"))
+    random_scale: list[float] | None = Field(None, min_length=2, max_length=2, description=(
+        "[low, high]: per training image, rescale by a factor in that range before the crop (the crop side "
+        "taken from the stored image is image_size / factor, resized to image_size), e.g. AAM's [0.75, 1.25]"))
     normalize: Literal["imagenet", "half"] = Field("imagenet", description="imagenet mean/std, or "
                                                    "half: (x - 0.5) / 0.5 as the PMG authors")
     lr: float = Field(0.002, gt=0.0, description="base learning rate (x each parameter group's lr_scale)")
@@ -143,6 +147,9 @@ class Study(Strict):
     table: TableSpec | None = None
     tables: dict[str, TableSpec] = Field(default_factory=dict, description="several named tables")
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    protocol: dict[str, Any] = Field(default_factory=dict, description=(
+        "the paper's protocol, knob -> value or {value, note}, and its source; the report and --dry-run put the "
+        "profile's own beside it (harness.protocol)"))
 
     # Set by load_study, not by the file.
     path: str = ""
@@ -184,6 +191,21 @@ def _deep_merge(base: dict, override: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _yield_to_pipeline(study: dict, train_override: Any) -> dict:
+    """A profile (or --set) that names a paper's input pipeline gets all of it: the base's values of the keys
+    the pipeline sets (e.g. the default profile's 64 px image_size) give way, unless the profile sets them too."""
+    if not isinstance(train_override, dict) or not train_override.get("pipeline"):
+        return study
+    from harness.data.transforms import PRESETS
+
+    preset = PRESETS.get(train_override["pipeline"], {})
+    base_train = study.get("train")
+    if not isinstance(base_train, dict):
+        return study
+    kept = {k: v for k, v in base_train.items() if k not in preset or k in train_override}
+    return {**study, "train": kept}
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -345,9 +367,12 @@ def load_study(path: str | os.PathLike, profile: str | None = None, overrides: t
     if selected in profiles:
         if not isinstance(profiles[selected], dict):
             raise StudyError(f"{path}: profile '{selected}' must be a mapping of overrides")
-        merged = _deep_merge(merged, profiles[selected])
+        merged = _deep_merge(_yield_to_pipeline(merged, profiles[selected].get("train")), profiles[selected])
     for text_override in overrides:
         key, value = parse_override(text_override)
+        if key == "train.pipeline":
+            later = {k.removeprefix("train.") for k, _ in map(parse_override, overrides) if k.startswith("train.")}
+            merged = _yield_to_pipeline(merged, {**{k: None for k in later}, "pipeline": value})
         set_dotted(merged, key, value)
     merged = _interpolate(merged, "")
     where = Where(str(path), lines, selected if selected in profiles else None)

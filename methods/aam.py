@@ -5,8 +5,11 @@ residual stages named by `placement` (backbone stage indices; default every resi
 layer1..layer4 of a timm ResNet). Classification: global average pooling of the last stage and a
 linear layer. Loss (`loss`):
 - "ce": cross-entropy;
-- "center": CE + center_weight * center loss (Wen et al.): mean over the batch of
-  ||f - c_y||^2 / 2 on the pooled features, the class centres learned with the network;
+- "center": CE + center_weight * center loss (Wen et al., ECCV 2016): mean over the batch of
+  ||f - c_y||^2 / 2 on the pooled features; the centres are not trained by SGD (no learning rate,
+  no weight decay) but updated after each batch by Wen et al.'s rule
+  c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - f_i) / (1 + n_j), alpha = `center_alpha` = 0.5
+  (sums and counts over every worker's images);
 - "cc": CE + mu * (L_dis - eta * L_div), the cross-channel loss of the AAM article in the
   mutual-channel loss form (Chang et al., 2020), our interpretation: the last stage's channels are
   split into one group of xi = C // classes channels per class (the first xi * classes channels);
@@ -16,10 +19,13 @@ linear layer. Loss (`loss`):
   of each channel, cross-channel max pooling within each group, sum over positions, mean over
   classes (in [1, xi]: how spread out the group's channels attend) -> maximised. mu = 0.01, eta a
   dataset-dependent parameter.
+ECA's kernel: `k` fixed, or with `k_adaptive` ECA's own psi(C) = |(log2 C + 1) / 2|_odd per stage
+(Wang et al., 2020: gamma = 2, b = 1; 3 for 64 channels, 5 for 128 to 512, 7 for 2048).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -30,6 +36,12 @@ from torch import nn
 from harness.backbones import StagedBackbone
 from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
 from methods.attention_modules import build_attention
+
+
+def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
+    """ECA's adaptive kernel size psi(C) = |log2(C) / gamma + b / gamma|_odd (Wang et al., CVPR 2020)."""
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
 
 
 class AAMParams(MethodParams):
@@ -45,6 +57,8 @@ class AAMParams(MethodParams):
     mu: float = Field(0.01, ge=0.0, description="weight of the cross-channel loss")
     eta: float = Field(10.0, ge=0.0, description="weight of the diversity term (dataset-dependent)")
     center_weight: float = Field(0.01, ge=0.0, description="weight of the center loss")
+    center_alpha: float = Field(0.5, gt=0.0, le=1.0, description="centre update rate alpha (Wen et al.)")
+    k_adaptive: bool = Field(False, description="ECA: kernel size from the channel count, psi(C), instead of k")
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
 
 
@@ -80,14 +94,15 @@ class AAMNet(Method):
         names = [n for n in backbone.body.keys() if n in (backbone._return_layers or {})]
         self.attention = nn.ModuleDict()
         for stage in placement:  # wrap the stage's module: its output (the stage feature) is refined
-            module = build_attention(params.module, backbone.channels[stage], params.k, params.reduction,
+            k = eca_kernel_size(backbone.channels[stage]) if params.k_adaptive and params.module == "eca" else params.k
+            module = build_attention(params.module, backbone.channels[stage], k, params.reduction,
                                      params.spatial_kernel, params.fusion)
             self.attention[str(stage)] = module
             backbone.body[names[stage]] = nn.Sequential(backbone.body[names[stage]], module)
         channels = backbone.channels[-1]
         self.fc = nn.Linear(channels, num_classes)
-        if params.loss == "center":
-            self.centers = nn.Parameter(torch.zeros(num_classes, channels))
+        if params.loss == "center":  # a buffer: Wen et al.'s update moves it, not the optimizer
+            self.register_buffer("centers", torch.zeros(num_classes, channels))
 
     @classmethod
     def validate_with(cls, params: AAMParams, num_stages: int) -> None:
@@ -112,7 +127,7 @@ class AAMNet(Method):
         losses = {"loss/ce": float(ce.detach())}
         loss = ce
         if p.loss == "center":
-            center = ((features.mean((2, 3)).float() - self.centers[labels]) ** 2).sum(1).mean() / 2
+            center = self.center_loss(features.mean((2, 3)), labels, steps)
             losses["loss/center"] = float(center.detach())
             loss = loss + p.center_weight * center
         elif p.loss == "cc":
@@ -121,6 +136,22 @@ class AAMNet(Method):
             loss = loss + p.mu * cc
         losses["loss"] = steps.step(loss)
         return losses
+
+    def center_loss(self, features: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps | None = None
+                    ) -> torch.Tensor:
+        """||f - c_y||^2 / 2, batch mean; then Wen et al.'s centre update from this batch (of every worker)."""
+        f = features.to(self.centers.dtype)
+        centers = self.centers[labels]
+        loss = ((f - centers) ** 2).sum(1).mean() / 2
+        with torch.no_grad():
+            classes = len(self.centers)
+            sums = torch.zeros(classes, self.centers.shape[1] + 1, dtype=self.centers.dtype, device=f.device)
+            sums.index_add_(0, labels, torch.cat([centers - f.detach(), torch.ones_like(f[:, :1])], 1))
+            if steps is not None:
+                sums = steps.sum_over_workers(sums)
+            differences, counts = sums[:, :-1], sums[:, -1:]  # sum_{y_i = j} (c_j - f_i), n_j
+            self.centers -= self.params.center_alpha * differences / (1 + counts)
+        return loss
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"linear": self(images)[0]}

@@ -15,6 +15,13 @@ From the article (seeds/002; its figures and tables were lost, its text survives
 
 Interpretations, each a parameter with this default: the teacher is detached (`detach_teacher`);
 K = 512 (`opm_dim`); the OPM form above. Heads: S4 (primary), S3, and S2 for three-step training.
+`idle_param_updates`: the article ran PyTorch 1.6, whose zero_grad zero-fills gradients, so SGD's
+momentum and weight decay also move the parameters a step does not reach (step 1 never reaches S4):
+true reproduces that, as PMG's option does; false is PyTorch 2's set_to_none.
+
+The backbone's last stage passes its own final norm (`backbone.final_norm`, on by default): timm's
+features_only Swin drops the pretrained LayerNorm, and both the baseline and S4 would otherwise see
+un-normalised stage-4 features.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class MKSMTParams(MethodParams):
     detach_teacher: bool = Field(True, description="no gradient through the teacher (deep) head")
     opm_dim: int = Field(512, ge=1, description="K, the OPM output width")
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
+    idle_param_updates: bool = Field(True, description="PyTorch 1.x zero_grad semantics, as the article ran (1.6)")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
@@ -84,6 +92,7 @@ class MKSMT(Method):
         self.opms = nn.ModuleDict({n: OPM(backbone.channels[i], params.opm_dim) for n, i in self.stage_of.items()})
         self.outputs = nn.ModuleDict({n: nn.Linear(params.opm_dim, num_classes) for n in names})
         self.heads = tuple(reversed(names))  # S4 first
+        self.zero_grad_set_to_none = not params.idle_param_updates
 
     @classmethod
     def validate_with(cls, params: MKSMTParams, num_stages: int) -> None:

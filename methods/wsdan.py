@@ -12,7 +12,9 @@ Faithful to the paper and the authors' code (tau-yihouxiang/WS_DAN, TensorFlow; 
   update c[y] += beta (f - normalize(c[y])) with beta = 0.05, without gradient;
 - attention-guided augmentation without gradient: per image, two maps drawn with probability
   proportional to sqrt of each map's spatial sum (L1-normalised), one for the crop and one for the
-  drop. Crop: threshold theta_c ~ U(0.4, 0.6) x max, bounding box of the mask padded by 10% of the
+  drop, with replacement (both authors' codes: the PyTorch port draws both in one
+  `np.random.choice(M, 2, p=...)`, models/wsdan.py; the TF code draws each on its own,
+  train_sample.py), so crop and drop may use the same map. Crop: threshold theta_c ~ U(0.4, 0.6) x max, bounding box of the mask padded by 10% of the
   image, bilinearly resized to the input size. Drop: theta_d ~ U(0.2, 0.5) x max, image x (map < theta_d);
 - one backward per batch: CE(raw)/3 + CE(crop)/3 + CE(drop)/3 + center loss;
 - test: mean of the M maps, crop at 0.1 x max with 5% padding; prediction = mean of the raw and
@@ -23,7 +25,13 @@ Interpretations, each a parameter with this default:
 - with crop or drop off, the CE terms that remain are averaged (CE(raw)/2 + CE(drop)/2, or CE(raw));
 - centre updates of repeated labels in a batch accumulate (TF's scatter_sub); PyTorch's
   `centers[y] += ...` keeps one of them;
-- `map_choice`: "sqrt_weighted" (METHODS.md, TF) or "uniform" (one map at random, the PyTorch code).
+- `map_choice`: "sqrt_weighted" (both authors' codes) or "uniform" (an ablation; neither code does it);
+  `map_replacement`: false draws the two maps without replacement while M allows (two different maps).
+
+Input normalisation: the Inception-v3 weights the paper starts from (torchvision's
+inception_v3_google, timm `inception_v3.tv_in1k`) expect (x - 0.5) / 0.5 inputs, as the TF code feeds
+them (`train.normalize: half`); the PyTorch port feeds ImageNet mean/std, because its Mixed_6e feature
+extractor skips the `transform_input` step that would convert them.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ class WSDANParams(MethodParams):
     refine: bool = Field(True, description="test-time refinement: average the raw and the crop outputs")
     refine_average: Literal["probabilities", "logits"] = "probabilities"
     map_choice: Literal["sqrt_weighted", "uniform"] = "sqrt_weighted"
+    map_replacement: bool = Field(True, description="crop and drop maps drawn with replacement (both authors')")
     center_beta: float = Field(0.05, ge=0.0, le=1.0, description="centre update rate beta")
     center_weight: float = Field(1.0, ge=0.0, description="weight of the center loss")
     logit_scale: float = Field(100.0, gt=0.0, description="the classifier sees feature_matrix x this")
@@ -136,14 +145,15 @@ def attention_drop(images: torch.Tensor, attention_maps: torch.Tensor, theta: fl
 
 @torch.no_grad()
 def choose_maps(attention_maps: torch.Tensor, count: int, weighted: bool = True,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, replacement: bool = True) -> torch.Tensor:
     """(B, count) map indices per image: drawn with p ~ sqrt(spatial sum), L1-normalised (or uniformly),
-    without replacement while M allows."""
+    with replacement (the authors'), or without while M allows."""
     b, m = attention_maps.shape[:2]
     weights = attention_maps.float().sum((2, 3)).clamp(min=0).sqrt() if weighted else torch.ones(b, m)
     weights = weights.cpu() + EPSILON  # all-zero maps (dead ReLUs) fall back to uniform
     probs = weights / weights.sum(1, keepdim=True)
-    return torch.multinomial(probs, count, replacement=m < count, generator=generator).to(attention_maps.device)
+    return torch.multinomial(probs, count, replacement=replacement or m < count,
+                             generator=generator).to(attention_maps.device)
 
 
 @register_method("wsdan")
@@ -197,7 +207,8 @@ class WSDAN(Method):
         logits, matrix, maps = self(images)
         ce_terms = {"raw": F.cross_entropy(logits, labels)}
         if p.crop or p.drop:
-            chosen = choose_maps(maps, 2, p.map_choice == "sqrt_weighted", generator)  # (B, 2): crop, drop
+            chosen = choose_maps(maps, 2, p.map_choice == "sqrt_weighted", generator,
+                                 p.map_replacement)  # (B, 2): crop, drop
             picked = maps.detach().gather(1, chosen[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
             if p.crop:
                 crops = attention_crop(images, picked[:, 0:1], p.crop_theta, p.crop_padding, generator)

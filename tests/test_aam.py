@@ -76,3 +76,33 @@ def test_inference_complexity_leaves_out_training_state():
     with_centers, plain = make(module="se", loss="center"), make(module="se", loss="ce")
     assert inference_complexity(with_centers, 32)["inference/params"] == inference_complexity(plain, 32)["inference/params"]
     assert inference_complexity(plain, 32)["inference/params"] == sum(p.numel() for p in plain.parameters())
+
+
+def test_center_update_is_wen_et_al_rule():
+    """c_j <- c_j - alpha * sum_{y_i = j} (c_j - f_i) / (1 + n_j); the loss is ||f - c_y||^2 / 2 (batch mean);
+    the centres are no parameter: no optimizer, no weight decay touches them."""
+    model = make(module="none", loss="center", center_alpha=0.5)
+    assert "centers" in dict(model.named_buffers()) and "centers" not in dict(model.named_parameters())
+    channels = model.centers.shape[1]
+    torch.manual_seed(3)
+    model.centers.copy_(torch.randn(CLASSES, channels))
+    before = model.centers.clone()
+    f = torch.randn(5, channels)
+    labels = torch.tensor([2, 2, 5, 2, 0])
+    loss = model.center_loss(f, labels)
+    assert loss.item() == pytest.approx(((f - before[labels]) ** 2).sum(1).mean().item() / 2, rel=1e-6)
+    expected = before.clone()
+    for j in range(CLASSES):
+        members = labels == j
+        delta = (before[j] - f[members]).sum(0) / (1 + members.sum())
+        expected[j] = before[j] - 0.5 * delta
+    torch.testing.assert_close(model.centers, expected)
+    assert torch.equal(model.centers[1], before[1])  # a class absent from the batch does not move
+
+
+def test_eca_adaptive_kernel_size_from_channels():
+    from methods.aam import eca_kernel_size
+
+    assert [eca_kernel_size(c) for c in (64, 128, 256, 512, 2048)] == [3, 5, 5, 5, 7]
+    model = make(module="eca", k_adaptive=True)
+    assert [model.attention[s].conv.kernel_size[0] for s in ("1", "2", "3", "4")] == [3, 5, 5, 5]

@@ -71,3 +71,24 @@ def test_schedules_are_the_authors():
     poly = TrainConfig(schedule="poly", lr=1e-4, end_lr=1e-6, poly_power=0.9, epochs=200)
     assert lr_factor(poly, 0) == pytest.approx(1.0)
     assert 1e-4 * lr_factor(poly, 199) == pytest.approx(1e-6 + (1e-4 - 1e-6) * (1 / 200) ** 0.9)
+
+
+def test_best_epoch_of_a_made_up_history():
+    from harness.engine import best_epochs
+
+    history = [{"epoch": 1, "test/acc": 0.2, "test/acc/a": 0.3, "test/acc/b": 0.1},
+               {"epoch": 2, "train/loss": 1.0},  # not evaluated (eval_every)
+               {"epoch": 3, "test/acc": 0.5, "test/acc/a": 0.3, "test/acc/b": 0.4},
+               {"epoch": 4, "test/acc": 0.4, "test/acc/a": 0.2, "test/acc/b": 0.6}]
+    assert best_epochs(history) == {"test/acc_best": 0.5, "best_epoch": 3,
+                                    "test/acc_best/a": 0.3, "best_epoch/a": 1,  # a tie: the earliest epoch
+                                    "test/acc_best/b": 0.6, "best_epoch/b": 4}
+    assert best_epochs([]) == {}
+
+
+def test_trial_rows_carry_the_best_epoch(imageset):
+    final = run_trial(config(epochs=3), imageset, threads=1)
+    accs = [h["test/acc"] for h in final["history"]]
+    assert final["test/acc"] == accs[-1] and final["test/acc_best"] == max(accs)
+    assert final["history"][int(final["best_epoch"]) - 1]["test/acc"] == final["test/acc_best"]
+    assert {"test/acc_best/combined", "best_epoch/concat"} <= set(final)

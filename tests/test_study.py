@@ -161,7 +161,7 @@ def test_paper_profile_resolves_the_authors_protocol(monkeypatch):
     study = load_study("studies/pmg_ablation.yaml", profile="paper")
     cfg = study.trials[0].config
     assert cfg["dataset"] == {"name": "cub200", "root": "/data/CUB_200_2011"}
-    assert cfg["backbone"]["name"] == "resnet50" and cfg["backbone"]["pretrained"] is True
+    assert cfg["backbone"]["name"] == "resnet50.tv_in1k" and cfg["backbone"]["pretrained"] is True
     assert (cfg["train"]["image_size"], cfg["train"]["resize"], cfg["train"]["batch_size"]) == (448, 550, 16)
     assert cfg["train"]["lr"] == 0.002 and cfg["train"]["epochs"] == 200 and cfg["train"]["amp"] is False
     m = cfg["method"]

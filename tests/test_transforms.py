@@ -10,8 +10,43 @@ def test_presets_fill_what_the_study_leaves_out():
     pmg = TrainConfig(pipeline="pmg")
     assert (pmg.resize, pmg.image_size, pmg.crop_padding, pmg.normalize) == (550, 448, 8, "half")
     wsdan = TrainConfig(pipeline="wsdan", image_size=384)  # the study's own key wins
-    assert (wsdan.resize, wsdan.image_size, wsdan.colour_jitter) == (512, 384, [0.4, 0.4, 0.4, 0.1])
+    assert (wsdan.resize, wsdan.image_size) == (512, 384)
     assert (TrainConfig(pipeline="swin384").image_size, TrainConfig(pipeline="aam224").image_size) == (384, 224)
+    assert TrainConfig(pipeline="aam224").random_scale == [0.75, 1.25]
+
+
+def test_wsdan_pipeline_draws_brightness_and_saturation_only():
+    """The WS-DAN PyTorch port's ColorJitter(brightness=0.126, saturation=0.5): no contrast, no hue."""
+    from harness.data.transforms import draw_jitter
+
+    jitter = TrainConfig(pipeline="wsdan").colour_jitter
+    factors = draw_jitter(1000, jitter, torch.Generator().manual_seed(0))
+    assert set(factors) == {"brightness", "saturation"}
+    assert 0.874 <= factors["brightness"].min() and factors["brightness"].max() <= 1.126
+    assert 0.5 <= factors["saturation"].min() and factors["saturation"].max() <= 1.5
+    x = torch.rand(4, 3, 8, 8) * 100 + 50
+    gray = x.mean(1, keepdim=True).expand_as(x).clone()  # a gray image: saturation cannot change it
+    out = colour_jitter(gray, jitter, torch.Generator().manual_seed(1))
+    assert torch.allclose(out / gray, (out / gray)[:, :1, :1, :1].expand_as(out), atol=1e-5)  # brightness only
+
+
+def test_random_rescaling_zooms_in_and_out_per_image():
+    import numpy as np
+
+    from harness.data.imageset import BatchPipeline, Split
+
+    # Stored 32 px images made of 4 px squares; crops of 16 px after a scale in [0.5, 2]: the square size
+    # seen in the crop is 4 * scale px, so the number of distinct columns changes from image to image.
+    base = (np.indices((32, 32)).sum(0) // 4 % 2 * 255).astype(np.uint8)
+    split = Split(images=np.broadcast_to(base, (64, 3, 32, 32)).copy(), labels=np.zeros(64, dtype=np.int64))
+    pipe = BatchPipeline(split, 16, 64, train=True, hflip=False, random_scale=[0.5, 2.0], mean=(0, 0, 0),
+                         std=(1 / 255, 1 / 255, 1 / 255))
+    images, _ = next(pipe.batches(torch.Generator().manual_seed(0)))
+    assert images.shape == (64, 3, 16, 16)
+    transitions = (images[:, 0, 8, 1:] - images[:, 0, 8, :-1]).abs().gt(100).sum(1)
+    assert transitions.min() <= 2 and transitions.max() >= 6  # zoomed in (few edges) and out (many)
+    again, _ = next(pipe.batches(torch.Generator().manual_seed(0)))
+    assert torch.equal(images, again)  # seeded
 
 
 def test_colour_jitter_is_per_image_within_range_and_seeded():

@@ -89,8 +89,12 @@ def test_map_choice_follows_sqrt_of_spatial_sums():
     chosen = choose_maps(maps, 1, generator=torch.Generator().manual_seed(0))[:, 0]
     assert (chosen != 2).all()
     assert abs((chosen == 1).float().mean().item() - 4 / 6) < 0.03
+    # The authors' draw is with replacement: crop and drop pick the same map as often as two independent
+    # draws do, (2/6)^2 + (4/6)^2 = 5/9 of the images.
     both = choose_maps(maps, 2, generator=torch.Generator().manual_seed(0))
-    assert (both[:, 0] != both[:, 1]).all()  # crop and drop use different maps
+    assert abs((both[:, 0] == both[:, 1]).float().mean().item() - 5 / 9) < 0.03
+    distinct = choose_maps(maps, 2, generator=torch.Generator().manual_seed(0), replacement=False)
+    assert (distinct[:, 0] != distinct[:, 1]).all()  # the option: two different maps while M allows
 
 
 def test_center_loss_and_momentum_update():

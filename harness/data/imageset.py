@@ -77,7 +77,8 @@ class BatchPipeline:
                  hflip: bool = True, device: torch.device | str = "cpu",
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                  drop_last: bool | None = None, colour_jitter: list[float] | None = None,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False,
+                 random_scale: list[float] | None = None):
         self.images, self.labels = as_tensor(split.images), as_tensor(split.labels)
         stored = self.images.shape[-1]
         if image_size > stored + 2 * padding:
@@ -90,6 +91,7 @@ class BatchPipeline:
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.drop_last = train if drop_last is None else drop_last
         self.colour_jitter = colour_jitter if train else None
+        self.random_scale = random_scale if train else None
         self.pin = self.device.type == "cuda"
         # x_uint8 * scale + bias == (x / 255 - mean) / std
         self.scale = [1.0 / (255.0 * s) for s in std]
@@ -123,7 +125,12 @@ class BatchPipeline:
     def _draw(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """Random crop offsets, flips and jitter factors of n images, in the generator's fixed order."""
         span = self.images.shape[-1] + 2 * self.padding - self.image_size
-        out = {"offsets": torch.randint(0, span + 1, (n, 2), generator=generator)}
+        if self.random_scale:  # per image: a scale factor and where its (scaled) crop sits, as fractions
+            low, high = self.random_scale
+            out = {"scales": low + torch.rand(n, generator=generator) * (high - low),
+                   "positions": torch.rand(n, 2, generator=generator)}
+        else:
+            out = {"offsets": torch.randint(0, span + 1, (n, 2), generator=generator)}
         out["flips"] = (torch.rand(n, generator=generator) < 0.5) if self.hflip else torch.zeros(n, dtype=torch.bool)
         if self.colour_jitter:
             from harness.data.transforms import draw_jitter
@@ -139,7 +146,10 @@ class BatchPipeline:
             if self.padding:
                 source = F.pad(self.images[idx], (self.padding,) * 4)
                 idx = torch.arange(len(idx))
-            offsets, flips = augment["offsets"].tolist(), augment["flips"].tolist()
+            flips = augment["flips"].tolist()
+            if "scales" in augment:
+                return self._make_rescaled(source, idx, augment, flips)
+            offsets = augment["offsets"].tolist()
         else:
             source, o = self.images, (stored - size) // 2
             offsets, flips = [(o, o)] * len(idx), [False] * len(idx)
@@ -149,6 +159,31 @@ class BatchPipeline:
         for i, (j, (oy, ox), flip) in enumerate(zip(idx.tolist(), offsets, flips)):
             crop = source[j, :, oy:oy + size, ox:ox + size]
             out[i].copy_(crop.flip(-1) if flip else crop)  # uint8 -> float while copying on CPU
+        return self._finish(out, augment)
+
+    def _make_rescaled(self, source: torch.Tensor, idx: torch.Tensor, augment: dict,
+                       flips: list[bool]) -> torch.Tensor:
+        """Random rescaling: the crop side taken from the (padded) stored image is image_size / scale (at most
+        the whole image), resized to image_size (bilinear, antialiased), and rounded back to uint8 levels like
+        a decoded image."""
+        size, full = self.image_size, source.shape[-1]
+        on_cpu = self.device.type == "cpu"
+        out = torch.empty((len(idx), 3, size, size), dtype=torch.get_default_dtype() if on_cpu else torch.uint8,
+                          pin_memory=self.pin)
+        for i, (j, scale, (fy, fx), flip) in enumerate(zip(idx.tolist(), augment["scales"].tolist(),
+                                                           augment["positions"].tolist(), flips)):
+            side = min(full, max(1, round(size / scale)))
+            oy, ox = int(fy * (full - side + 1)), int(fx * (full - side + 1))
+            crop = source[j, :, oy:oy + side, ox:ox + side].float()[None]
+            if side != size:
+                crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            crop = crop[0].round_().clamp_(0, 255)
+            out[i].copy_(crop.flip(-1) if flip else crop)
+        return self._finish(out, augment)
+
+    def _finish(self, out: torch.Tensor, augment: dict | None) -> torch.Tensor:
+        """To the device, to floats, jitter, normalise."""
+        dtype = torch.get_default_dtype()
         out = out.to(self.device, non_blocking=True)
         if self.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)

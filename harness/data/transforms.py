@@ -1,10 +1,16 @@
 """The papers' input pipelines as named presets, and colour jitter on uint8-derived float batches.
 
 A preset fills the train section's input keys that the study leaves out (keys it sets win):
-    pmg      resize 550, random crop 448 (padding 8), flip, inputs in [-1, 1]   (PMG authors' code)
-    wsdan    resize 512, random crop 448, flip, colour jitter 0.4/0.4/0.4/0.1  (WS-DAN PyTorch code)
+    pmg      resize 550, random crop 448 (padding 8), flip, inputs in [-1, 1]     (PMG authors' train.py)
+    wsdan    resize 512, random crop 448, flip, ColorJitter(brightness=0.126, saturation=0.5), ImageNet
+             mean/std                                                          (WS-DAN PyTorch port, utils.py)
     swin384  resize 440, random crop 384, flip                                 (Swin fine-tuning at 384)
-    aam224   resize 256, random crop 224, flip                                 (the AAM article, 224 px)
+    aam224   resize 256, random rescaling x[0.75, 1.25], random crop 224, flip (the AAM article: "randomly
+             rescaled, cropped and flipped, then resized to 224"; the range is our interpretation)
+
+Colour jitter applies brightness, contrast, saturation and hue in that fixed order; torchvision's
+ColorJitter shuffles the order per image. For the WS-DAN preset (brightness and saturation only) the two
+commute except where values clip at 0 or 255.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import torch
 
 PRESETS: dict[str, dict] = {
     "pmg": {"resize": 550, "image_size": 448, "crop_padding": 8, "hflip": True, "normalize": "half"},
-    "wsdan": {"resize": 512, "image_size": 448, "hflip": True, "colour_jitter": [0.4, 0.4, 0.4, 0.1]},
+    "wsdan": {"resize": 512, "image_size": 448, "hflip": True, "colour_jitter": [0.126, 0.0, 0.5, 0.0],
+              "normalize": "imagenet"},
     "swin384": {"resize": 440, "image_size": 384, "hflip": True},
-    "aam224": {"resize": 256, "image_size": 224, "hflip": True},
+    "aam224": {"resize": 256, "image_size": 224, "hflip": True, "random_scale": [0.75, 1.25]},
 }
 
 _GRAY = (0.299, 0.587, 0.114)

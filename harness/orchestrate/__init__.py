@@ -55,6 +55,7 @@ from harness.orchestrate._storage import CheckpointStore, Storage, check_storage
 from harness.orchestrate._trial import dataset_key, prepare_dataset, trainable  # noqa: E402
 from harness.results import ResultStore  # noqa: E402
 from harness.trials import ResolvedStudy  # noqa: E402
+from harness.weights import ensure_weights  # noqa: E402
 
 # Tune's ResultGrid looks for the per-trial CSV/JSON loggers we turned off; the store has the results.
 logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -128,13 +129,21 @@ def max_concurrent(resolved: ResolvedStudy) -> int:
 
 
 def prepare_datasets(todo, log) -> dict[str, int]:
-    """Each dataset decoded once on a node (not in the driver) before any trial starts; its class count."""
+    """Each dataset decoded once on a node (not in the driver) before any trial starts; its class count.
+    A trial whose training split is smaller than one batch would train nothing: that is an error too."""
     configs = {dataset_key(spec.config): spec.config for spec in todo}
     t0 = time.perf_counter()
     outcomes = dict(zip(configs, ray.get([prepare_dataset.remote(c) for c in configs.values()])))
     errors = [o["error"] for o in outcomes.values() if "error" in o]
     if errors:
         raise DatasetError("\n".join(errors))
+    small = [f"{spec.label}: the training split of {spec.config['dataset']['name']} has "
+             f"{outcomes[dataset_key(spec.config)]['train']} images, fewer than one batch of train.batch_size="
+             f"{spec.config['train']['batch_size']}" for spec in todo
+             if outcomes[dataset_key(spec.config)]["train"] < spec.config["train"]["batch_size"]]
+    if small:
+        raise ValueError("nothing would be trained: " + "; ".join(small[:5]) +
+                         "; lower train.batch_size or use more training images")
     size = sum(o["bytes"] for o in outcomes.values()) / 2**20
     log(f"{len(outcomes)} dataset(s) ready in the node cache ({size:.0f} MB decoded) in {time.perf_counter() - t0:.1f} s")
     return {key: o["num_classes"] for key, o in outcomes.items()}
@@ -157,6 +166,11 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
         store.write_tables(resolved.trials)
         return summary
 
+    # Pretrained weights on this machine before anything starts: offline, a missing tag fails here (exit 2).
+    for name, pretrained in {(s.config["backbone"]["name"], s.config["backbone"]["pretrained"]) for s in todo}:
+        where = ensure_weights(name, pretrained)
+        if where:
+            log(f"weights {name}: {where}")
     resources = resolved.study.resources
     t0 = time.perf_counter()
     start_ray(address, num_cpus, dashboard=resources.workers > 1)

@@ -50,7 +50,7 @@ def prepare_dataset(config: dict) -> dict:
         imageset = _imageset(config)
     except (DatasetError, ValueError) as e:
         return {"error": str(e)}
-    return {"num_classes": imageset.num_classes,
+    return {"num_classes": imageset.num_classes, "train": len(imageset.train),
             "bytes": imageset.train.images.nbytes + imageset.test.images.nbytes}
 
 
