@@ -34,12 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
+from harness.backbones import build_backbone
 from harness.complexity import inference_complexity
 from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet
 from harness.distributed import Collective, sync_batchnorm
 from harness.plugin import METHODS, Method, OptimizerSteps
 from harness.study import TrainConfig
+from harness.trials import TrialConfig
 
 Report = Callable[[dict], None]
 
@@ -79,11 +80,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_method(config: dict, num_classes: int) -> Method:
-    method_cls = METHODS.get(config["method"]["name"])
-    params = method_cls.Params.model_validate(config["method"])
-    backbone = build_backbone(BackboneConfig.model_validate(config["backbone"]))
-    return method_cls(backbone, num_classes, params)
+def build_method(config: TrialConfig | dict, num_classes: int) -> Method:
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.parse(config)
+    return METHODS.get(cfg.method.name)(build_backbone(cfg.backbone), num_classes, cfg.method)
 
 
 def build_optimizer(method: Method, train: TrainConfig) -> torch.optim.SGD:
@@ -175,8 +174,8 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def run_trial(config: dict, imageset: ImageSet, io: TrialIO | None = None, collective: Collective | None = None,
-              threads: int | None = None) -> dict:
+def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None = None,
+              collective: Collective | None = None, threads: int | None = None) -> dict:
     """Train and evaluate one trial on this worker; returns the final metrics (last epoch's, totals,
     and `history`: per epoch). Every worker of a trial calls it with the same config."""
     wall_start = time.perf_counter()
@@ -185,11 +184,11 @@ def run_trial(config: dict, imageset: ImageSet, io: TrialIO | None = None, colle
     world = collective.world_size
     if threads:
         torch.set_num_threads(max(1, int(threads)))
-    train = TrainConfig.model_validate(config["train"])
-    seed = int(config["seed"])
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.parse(config)
+    train, seed = cfg.train, cfg.seed
     device = pick_device(train.device)
     seed_everything(seed)
-    method = build_method(config, imageset.num_classes)
+    method = build_method(cfg, imageset.num_classes)
     if world > 1 and train.sync_bn:
         method = sync_batchnorm(method)
     method = method.to(device, memory_format=torch.channels_last if train.channels_last else torch.contiguous_format)

@@ -1,11 +1,5 @@
-"""The method plugin API.
-
-A method is an `nn.Module` built on a StagedBackbone. It declares its parameter schema (`Params`,
-the ablation knobs with the paper's defaults), its parameter groups (e.g. the backbone at 0.1x
-learning rate), `training_step` (it owns its optimizer steps: PMG takes S+1 per batch, MKSMT one to
-three), and `predict` (a dict of named heads' logits, `primary_head` naming the one reported as
-`test/acc`). The engine owns everything common: epochs, learning-rate schedule, devices, mixed
-precision, evaluation, checkpoints and metrics. A method never touches Ray.
+"""The method plugin API: `Method` (its docstring is the contract), `MethodParams`, `OptimizerSteps`
+and the registry. The smallest real plugin is methods/baseline.py.
 """
 
 from __future__ import annotations
@@ -14,7 +8,7 @@ import math
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from harness.backbones import StagedBackbone
@@ -23,10 +17,12 @@ from harness.registry import Registry
 
 
 class MethodParams(BaseModel):
-    """Base of every method's parameter schema: unknown keys are errors."""
+    """Base of every method's parameter schema: unknown keys are errors. `name` is set by the registry
+    (`@register_method("pmg")`: written once); `backbone_lr_scale` is every method's."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: str = ""
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
 
 
 class TrialDiverged(FloatingPointError):
@@ -82,18 +78,69 @@ class OptimizerSteps:
 
 
 class Method(nn.Module):
+    """A method plugin: one file in methods/, `@register_method("name")` on a subclass of this.
+
+    Smallest example: methods/baseline.py. What a plugin declares, and who uses it:
+
+    - `Params` (class): a MethodParams subclass, the method's knobs with the paper's defaults. The study
+      loader validates every trial's `method:` section against it before anything starts (an unknown key
+      or a bad value is an error naming the key); the engine builds `Params` from the trial's config.
+    - `head_names(params, num_stages)` (classmethod): the names of the heads `predict` returns, the
+      primary one first (its top-1 is `test/acc`). Known before any model is built: the engine sums
+      evaluation counts over workers by these names, reports fill `test/acc/<head>` for each.
+    - `validate_with(params, num_stages)` (classmethod, optional): checks that need the backbone's stage
+      count (PMG's S <= stages); raise ValueError naming the fix. The study loader calls it for every
+      trial; `__init__` calls it again.
+    - `__init__(backbone, num_classes, params)`: called by the engine once per trial, on CPU, after
+      seeding. `backbone` is a StagedBackbone: `backbone(images, upto=l)` returns the feature maps of
+      stages 0..l, each (B, C_l, H_l, W_l), `backbone.channels` their C_l; stages are addressed from the
+      last (timm's features_only stages: a ResNet's stem, layer1..layer4). Build every module here; call
+      super().__init__ first (it sets self.backbone, self.num_classes, self.params, self.heads).
+    - `param_groups()` (optional): optimizer groups, dicts with "params", "name" and "lr_scale". Default:
+      the method's own layers at 1x, the backbone at `params.backbone_lr_scale`. The engine builds SGD on
+      them once, and scales each group's lr by the schedule every epoch.
+    - `training_step(images, labels, steps, generator)`: called by the engine for every training batch,
+      in train mode, under autocast when `train.amp`. `images` (B, 3, S, S) normalised floats on the
+      trial's device, `labels` (B,) int64; with several workers, B is this worker's share of the global
+      batch. Call `steps.step(loss)` once per optimizer step (it does zero_grad, backward, the average
+      over workers, clipping and the step; PMG calls it S+1 times, MKSMT one to three); draw every
+      random choice from `generator` (seeded per epoch: resumed and multi-worker trials stay exact).
+      Return a dict of floats to log, with "loss". Method state updated with per-image sums outside the
+      parameters (WS-DAN's centres) goes through `steps.sum_over_workers`.
+      With `uses_boxes = True` the engine also passes `boxes=`: (B, K, 4) xyxy pixel boxes of the
+      dataset's target regions in the augmented images (-1 where absent), e.g. GAIN's extra supervision.
+    - `predict(images)`: called by the engine in eval mode under torch.no_grad for every test batch (and
+      once on one image for the inference parameters and FLOPs): a dict head name -> logits (B, classes)
+      for every name of `head_names`.
+    - `extra_metrics()` (optional): numbers for the trial's results row (AAM: the attention's parameters).
+    - `zero_grad_set_to_none` (attribute, optional): False reproduces PyTorch 1.x zero_grad for methods
+      whose authors relied on it (see OptimizerSteps).
+    - The state dict (parameters and buffers) is the checkpoint: everything that must survive a resume
+      is a parameter or a registered buffer.
+
+    A method never imports Ray; the engine owns epochs, schedules, devices, precision, evaluation,
+    checkpoints and distribution.
+    """
+
     Params: ClassVar[type[MethodParams]]
     registry_name: ClassVar[str]
-    primary_head: ClassVar[str]
-    # The head names `predict` returns, for result columns before any trial has run.
-    heads: tuple[str, ...] = ()
-    # False reproduces PyTorch 1.x zero_grad (see OptimizerSteps) for methods whose authors relied on it.
+    uses_boxes: ClassVar[bool] = False
     zero_grad_set_to_none: bool = True
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: MethodParams):
         super().__init__()
         type(self).validate_with(params, backbone.num_stages)  # the same checks the study loader runs
         self.backbone, self.num_classes, self.params = backbone, num_classes, params
+        self.heads: tuple[str, ...] = type(self).head_names(params, backbone.num_stages)
+
+    @classmethod
+    def head_names(cls, params: MethodParams, num_stages: int) -> tuple[str, ...]:
+        """The heads `predict` returns, the primary (reported as test/acc) first."""
+        raise NotImplementedError
+
+    @property
+    def primary_head(self) -> str:
+        return self.heads[0]
 
     @classmethod
     def validate_with(cls, params: MethodParams, num_stages: int) -> None:
@@ -104,14 +151,14 @@ class Method(nn.Module):
 
         Default: the method's own layers (every submodule but the backbone, and modules it inserted
         into the backbone, which are also registered on the method) at 1x, the backbone at
-        `params.backbone_lr_scale` (1 when the method has no such knob)."""
+        `params.backbone_lr_scale`."""
         new: dict[int, nn.Parameter] = {id(p): p for p in self.parameters(recurse=False)}
         for child in self.children():
             if child is not self.backbone:
                 new.update((id(p), p) for p in child.parameters())
         body = [p for p in self.backbone.parameters() if id(p) not in new]
         return [{"name": "new_layers", "params": list(new.values()), "lr_scale": 1.0},
-                {"name": "backbone", "params": body, "lr_scale": getattr(self.params, "backbone_lr_scale", 1.0)}]
+                {"name": "backbone", "params": body, "lr_scale": self.params.backbone_lr_scale}]
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps,
                       generator: torch.Generator | None = None) -> dict[str, float]:
@@ -119,7 +166,7 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits of every named head, (B, C) each; must include `primary_head`."""
+        """Logits of every head of `head_names`, (B, C) each."""
         raise NotImplementedError
 
     def extra_metrics(self) -> dict[str, float]:

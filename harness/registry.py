@@ -28,6 +28,20 @@ def did_you_mean(name: str, choices: list[str]) -> str:
     return f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(choices))}"
 
 
+def _name_params(cls: type, name: str, kind: str) -> None:
+    """The plugin's name is written once, in its decorator: it becomes the default of its Params' `name`."""
+    params = getattr(cls, "Params", None)
+    fields = getattr(params, "model_fields", {})
+    if "name" not in fields:
+        return
+    current = fields["name"].default
+    if current not in ("", None, name) and isinstance(current, str):
+        raise RegistryError(f"{kind} '{name}': its Params already belong to '{current}'; give each plugin its own "
+                            "Params class")
+    fields["name"].default = name
+    params.model_rebuild(force=True)
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str, base: type, builtin_package: str, entry_point_group: str):
         self.kind, self.base = kind, base
@@ -43,6 +57,7 @@ class Registry(Generic[T]):
                 raise RegistryError(f"duplicate {self.kind} name '{name}': already registered by "
                                     f"{self._items[name].__module__}.{self._items[name].__qualname__}")
             cls.registry_name = name
+            _name_params(cls, name, self.kind)
             self._items[name] = cls
             return cls
         return decorator

@@ -87,10 +87,6 @@ class TrainConfig(Strict):
             data = {**preset, **data}  # what the study sets wins over the preset
         return data
 
-    @property
-    def stored_size(self) -> int:
-        return self.resize or self.image_size
-
 
 class Resources(Strict):
     workers: int = Field(1, ge=1, description="processes training one trial together (data parallel); cpu and gpu "

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ValidationError
 
 from harness import MATH_VERSION
 from harness.backbones import BackboneConfig
-from harness.data import DATASETS
-from harness.plugin import METHODS
+from harness.data import DATASETS, DatasetParams
+from harness.plugin import METHODS, MethodParams
 from harness.study import (SECTIONS_IN_GRID, Study, StudyError, TrainConfig, Where, _format_errors, get_dotted,
                            set_dotted)
 
@@ -33,7 +33,6 @@ class TrialSpec:
     profile: str
     config: dict  # {"method", "dataset", "backbone", "train", "seed"}: plain JSON data
     axes: dict[str, Any] = field(default_factory=dict)  # grid axis (dotted) -> value
-    resources: dict = field(default_factory=dict)
     grids: list[str] = field(default_factory=list)  # the named grids this trial belongs to
 
     @property
@@ -42,14 +41,36 @@ class TrialSpec:
         return ",".join(parts)
 
 
+@dataclass(frozen=True)
+class TrialConfig:
+    """A trial's config validated once into its typed sections: what the engine and the trial runner use."""
+
+    method: MethodParams
+    dataset: DatasetParams
+    backbone: BackboneConfig
+    train: TrainConfig
+    seed: int
+
+    @classmethod
+    def parse(cls, config: dict) -> "TrialConfig":
+        sections = {s: model.model_validate(config[s]) for s, model in _section_models(config).items()}
+        return cls(**sections, seed=int(config["seed"]))
+
+    @property
+    def stored_size(self) -> int:
+        """The size the dataset is decoded at: train.resize, else the crop size."""
+        return stored_size(self.train.model_dump())
+
+
+def stored_size(config_or_train: dict) -> int:
+    train = config_or_train.get("train", config_or_train)
+    return train["resize"] or train["image_size"]
+
+
 @dataclass
 class ResolvedStudy:
     study: Study
     trials: list[TrialSpec]
-
-    @property
-    def axes(self) -> list[str]:
-        return all_axes(self.study)
 
     @property
     def name(self) -> str:
@@ -242,7 +263,7 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
                 values = {axis: labels.get(axis) or (section_label(full[axis]) if axis in WHOLE_SECTIONS
                                                      else _axis_value(full, axis)) for axis in axes}
                 spec = TrialSpec(trial_id=trial_id, study=study.name, profile=study.profile, config=full,
-                                 axes=values, resources=study.resources.model_dump(), grids=[name] if name else [])
+                                 axes=values, grids=[name] if name else [])
                 by_id[trial_id] = spec
                 trials.append(spec)
     return ResolvedStudy(study=study, trials=trials)

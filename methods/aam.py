@@ -45,7 +45,6 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 
 
 class AAMParams(MethodParams):
-    name: str = "aam"
     module: Literal["none", "se", "eca", "cbam", "aam"] = Field("aam", description="attention module to insert")
     k: int = Field(3, ge=1, le=9, description="channel neighbourhood of ECA and AAM (odd, <= 9)")
     fusion: Literal["sum", "joint"] = Field("sum", description="AAM: F*Mc + F*Ms, or F*sigmoid(mc + ms)")
@@ -59,7 +58,6 @@ class AAMParams(MethodParams):
     center_weight: float = Field(0.01, ge=0.0, description="weight of the center loss")
     center_alpha: float = Field(0.5, gt=0.0, le=1.0, description="centre update rate alpha (Wen et al.)")
     k_adaptive: bool = Field(False, description="ECA: kernel size from the channel count, psi(C), instead of k")
-    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
 
 
 def cross_channel_loss(features: torch.Tensor, labels: torch.Tensor, num_classes: int, eta: float,
@@ -85,8 +83,10 @@ def cross_channel_loss(features: torch.Tensor, labels: torch.Tensor, num_classes
 @register_method("aam")
 class AAMNet(Method):
     Params = AAMParams
-    primary_head = "linear"
-    heads = ("linear",)
+
+    @classmethod
+    def head_names(cls, params: AAMParams, num_stages: int) -> tuple[str, ...]:
+        return ("linear",)
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: AAMParams):
         super().__init__(backbone, num_classes, params)

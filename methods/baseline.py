@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
 from harness.backbones import StagedBackbone
@@ -12,15 +11,16 @@ from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
 
 
 class BaselineParams(MethodParams):
-    name: str = "baseline"
-    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
+    """No knobs of its own: the backbone's lr scale is every method's."""
 
 
 @register_method("baseline")
 class Baseline(Method):
     Params = BaselineParams
-    primary_head = "linear"
-    heads = ("linear",)
+
+    @classmethod
+    def head_names(cls, params: BaselineParams, num_stages: int) -> tuple[str, ...]:
+        return ("linear",)
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: BaselineParams):
         super().__init__(backbone, num_classes, params)

@@ -38,7 +38,6 @@ from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
 
 
 class MKSMTParams(MethodParams):
-    name: str = "mksmt"
     steps: Literal[1, 2, 3] = Field(2, description="optimizer updates per batch: single-, two- or three-step")
     distillation: Literal["decision", "feature", "none"] = Field("decision", description="what S4 teaches")
     temperature: float = Field(1.0, gt=0.0, description="distillation temperature T (paper's best: 1)")
@@ -47,7 +46,6 @@ class MKSMTParams(MethodParams):
     lambda2: float = Field(1.0, ge=0.0, description="weight of the distillation loss")
     detach_teacher: bool = Field(True, description="no gradient through the teacher (deep) head")
     opm_dim: int = Field(512, ge=1, description="K, the OPM output width")
-    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
     idle_param_updates: bool = Field(True, description="PyTorch 1.x zero_grad semantics, as the article ran (1.6)")
 
 
@@ -81,7 +79,10 @@ class OPM(nn.Module):
 @register_method("mksmt")
 class MKSMT(Method):
     Params = MKSMTParams
-    primary_head = "S4"
+
+    @classmethod
+    def head_names(cls, params: MKSMTParams, num_stages: int) -> tuple[str, ...]:
+        return ("S4", "S3", "S2") if params.steps == 3 else ("S4", "S3")
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: MKSMTParams):
         super().__init__(backbone, num_classes, params)
@@ -91,7 +92,6 @@ class MKSMT(Method):
         self.stage_of = {name: last - (4 - int(name[1])) for name in names}
         self.opms = nn.ModuleDict({n: OPM(backbone.channels[i], params.opm_dim) for n, i in self.stage_of.items()})
         self.outputs = nn.ModuleDict({n: nn.Linear(params.opm_dim, num_classes) for n in names})
-        self.heads = tuple(reversed(names))  # S4 first
         self.zero_grad_set_to_none = not params.idle_param_updates
 
     @classmethod

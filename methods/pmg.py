@@ -38,7 +38,6 @@ from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
 
 
 class PMGParams(MethodParams):
-    name: str = "pmg"
     stages: int = Field(3, ge=1, le=5, description="S: number of last backbone stages trained progressively")
     jigsaw: bool = Field(True, description="feed jigsaw-shuffled images to the stage steps")
     jigsaw_n: list[int] | None = Field(None, description="n per stage step, shallowest first "
@@ -48,7 +47,8 @@ class PMGParams(MethodParams):
     beta: float = Field(2.0, ge=0.0, description="weight of the concat step's CE")
     feature_size: int = Field(512, ge=1, description="conv block mid width and classifier hidden width")
     stage_dim: int = Field(1024, ge=1, description="conv block output width (authors: 2048 // 2)")
-    backbone_lr_scale: float = Field(0.1, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
+    backbone_lr_scale: float = Field(0.1, gt=0.0, le=1000.0, description="backbone lr = train.lr x this "
+                                                                        "(the authors': 0.1)")
     early_exit: bool = Field(False, description="run the backbone only up to the trained stage in stage steps")
     idle_param_updates: bool = Field(True, description="PyTorch 1.x zero_grad semantics, as the authors ran")
 
@@ -117,7 +117,12 @@ def classifier(cin: int, hidden: int, classes: int) -> nn.Sequential:
 @register_method("pmg")
 class PMG(Method):
     Params = PMGParams
-    primary_head = "combined"
+
+    @classmethod
+    def head_names(cls, params: PMGParams, num_stages: int) -> tuple[str, ...]:
+        """combined (C2, the primary), concat (C1), and each used stage's classifier."""
+        used = range(num_stages - params.stages, num_stages)
+        return ("combined", "concat", *(f"stage{i + 1}" for i in used))
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: PMGParams):
         super().__init__(backbone, num_classes, params)
@@ -131,7 +136,6 @@ class PMG(Method):
         self.classifiers = nn.ModuleList(classifier(sd, fs, num_classes) for _ in self.used)
         self.concat_classifier = classifier(S * sd, fs, num_classes)
         self.zero_grad_set_to_none = not params.idle_param_updates
-        self.heads = tuple(f"stage{i + 1}" for i in self.used) + ("concat", "combined")
 
     @classmethod
     def validate_with(cls, params: PMGParams, num_stages: int) -> None:
@@ -163,7 +167,7 @@ class PMG(Method):
         return losses
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self(images)
-        out = {name: y for name, y in zip(self.heads, logits)}  # stage heads and concat
-        out["combined"] = torch.stack(logits).sum(0)
+        logits = self(images)  # [y_1, ..., y_S, y_concat]
+        out = {"combined": torch.stack(logits).sum(0), "concat": logits[-1]}
+        out.update((f"stage{i + 1}", y) for i, y in zip(self.used, logits))
         return out

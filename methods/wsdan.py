@@ -50,7 +50,6 @@ EPSILON = 1e-12
 
 
 class WSDANParams(MethodParams):
-    name: str = "wsdan"
     attention_maps: int = Field(32, ge=1, le=512, description="M, the number of attention maps (paper: 32)")
     stage: int = Field(-2, description="backbone stage feeding the attention maps, from the last (-1 = last); "
                                        "Inception-v3 Mixed_6e is -2")
@@ -68,7 +67,6 @@ class WSDANParams(MethodParams):
     center_beta: float = Field(0.05, ge=0.0, le=1.0, description="centre update rate beta")
     center_weight: float = Field(1.0, ge=0.0, description="weight of the center loss")
     logit_scale: float = Field(100.0, gt=0.0, description="the classifier sees feature_matrix x this")
-    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "WSDANParams":
@@ -159,8 +157,10 @@ def choose_maps(attention_maps: torch.Tensor, count: int, weighted: bool = True,
 @register_method("wsdan")
 class WSDAN(Method):
     Params = WSDANParams
-    primary_head = "refined"
-    heads = ("raw", "refined")
+
+    @classmethod
+    def head_names(cls, params: WSDANParams, num_stages: int) -> tuple[str, ...]:
+        return ("refined", "raw") if params.refine else ("raw",)
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: WSDANParams):
         super().__init__(backbone, num_classes, params)
@@ -171,8 +171,6 @@ class WSDAN(Method):
         self.attentions = nn.Sequential(nn.Conv2d(channels, m, 1, bias=False), nn.BatchNorm2d(m, eps=1e-3), nn.ReLU())
         self.fc = nn.Linear(m * channels, num_classes, bias=False)
         self.register_buffer("centers", torch.zeros(num_classes, m * channels))
-        if not params.refine:
-            self.primary_head, self.heads = "raw", ("raw",)
 
     @classmethod
     def validate_with(cls, params: WSDANParams, num_stages: int) -> None:

@@ -33,7 +33,7 @@ def test_heads_shapes_and_names(stages):
     with torch.no_grad():
         out = model.predict(torch.rand(2, 3, 64, 64))
     used = [f"stage{i}" for i in range(6 - stages, 6)]  # the last S of resnet18's 5 stages
-    assert list(out) == used + ["concat", "combined"]
+    assert list(out) == ["combined", "concat"] + used == list(model.heads)  # the primary first
     assert all(v.shape == (2, C) for v in out.values())
     assert torch.allclose(out["combined"], sum(out[k] for k in used + ["concat"]))
     assert model.n_per_step == [2 ** (5 - i) for i in range(5 - stages, 5)][:stages]

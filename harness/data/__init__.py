@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from harness.data.imageset import ImageSet, Split
 from harness.registry import Registry
@@ -36,14 +36,39 @@ from harness.registry import Registry
 DATA_VERSION = 1
 
 
-class DatasetFamily:
-    """A dataset family: its parameter schema and how to build an ImageSet at a stored size."""
+class DatasetParams(BaseModel):
+    """Base of every dataset family's parameters: unknown keys are errors; `name` is set by the registry."""
 
-    Params: ClassVar[type[BaseModel]]
+    model_config = ConfigDict(extra="forbid")
+    name: str = ""
+
+
+class RootedParams(DatasetParams):
+    """A dataset read from its distributed layout on disk."""
+
+    root: str = Field(..., description="the dataset's folder as distributed")
+
+
+class DatasetFamily:
+    """A dataset family: one file in harness/data/, `@register_dataset("name")` on a subclass of this.
+
+    Smallest examples: imagefolder.py (a tree on disk), synthfg.py (rendered). What a family declares:
+    - `Params` (class): a DatasetParams subclass (RootedParams for a tree on disk), validated by the study
+      loader for every trial's `dataset:` section before anything starts.
+    - `build(params, size)` (classmethod): the whole dataset decoded at one square stored size, an
+      ImageSet of uint8 (N, 3, size, size) arrays, labels (N,) in [0, classes) and optional part boxes
+      (N, P, 4) xyxy in stored pixels. Called once per node and size by load_imageset (under a file
+      lock), which caches the result on disk; every trial memory-maps that cache. A missing or malformed
+      tree raises DatasetError naming the path searched and the file expected.
+    - `fingerprint(params)` (optional): what the cache key must change with besides the parameters;
+      default: path, size and modification time of every file under `root`.
+    """
+
+    Params: ClassVar[type[DatasetParams]]
     registry_name: ClassVar[str]
 
     @classmethod
-    def build(cls, params: BaseModel, size: int) -> ImageSet:
+    def build(cls, params: DatasetParams, size: int) -> ImageSet:
         raise NotImplementedError
 
     @classmethod

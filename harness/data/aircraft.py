@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from harness.data import DatasetFamily, register_dataset
+from harness.data import DatasetFamily, RootedParams, register_dataset
 from harness.data._decode import DatasetError, existing_root, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
@@ -23,9 +23,7 @@ from harness.data.imageset import ImageSet
 LEVEL_FILES = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}
 
 
-class AircraftParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["fgvc_aircraft"] = "fgvc_aircraft"
+class AircraftParams(RootedParams):
     root: str = Field(..., description="the fgvc-aircraft-2013b folder")
     level: Literal["variant", "family", "manufacturer"] = "variant"
     train_split: Literal["trainval", "train"] = "trainval"

@@ -13,20 +13,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from harness.data import DatasetFamily, register_dataset
+from harness.data import DatasetFamily, RootedParams, register_dataset
 from harness.data._cub_layout import read_cub_layout
 from harness.data._decode import existing_root
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
 
-class CUB200Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["cub200"] = "cub200"
+class CUB200Params(RootedParams):
     root: str = Field(..., description="the CUB_200_2011 folder")
 
 

@@ -5,11 +5,10 @@ Classes are the sorted sub-folders of the train folder; the test folder may hold
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from harness.data import DatasetFamily, register_dataset
+from harness.data import DatasetFamily, RootedParams, register_dataset
 from harness.data._decode import DatasetError, existing_root, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
@@ -17,9 +16,7 @@ from harness.data.imageset import ImageSet
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
-class ImageFolderParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["imagefolder"] = "imagefolder"
+class ImageFolderParams(RootedParams):
     root: str = Field(..., description="the folder holding the split folders")
     train_dir: str = "train"
     test_dir: str = "test"

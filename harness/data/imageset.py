@@ -42,10 +42,6 @@ class ImageSet:
     part_names: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
 
-    @property
-    def size(self) -> int:
-        return int(self.train.images.shape[-1])
-
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """Zero-copy tensor view of a (possibly read-only, object-store backed) array. Never write into it."""

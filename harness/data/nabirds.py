@@ -11,20 +11,17 @@ to 0..C-1 in increasing id order.
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from harness.data import DatasetFamily, register_dataset
+from harness.data import DatasetFamily, RootedParams, register_dataset
 from harness.data._cub_layout import read_cub_layout
 from harness.data._decode import existing_root
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
 
-class NABirdsParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["nabirds"] = "nabirds"
+class NABirdsParams(RootedParams):
     root: str = Field(..., description="the nabirds folder")
 
 

@@ -14,20 +14,17 @@ test images, 196 classes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from harness.data import DatasetFamily, register_dataset
+from harness.data import DatasetFamily, RootedParams, register_dataset
 from harness.data._decode import DatasetError, existing_root, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
 
-class CarsParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["stanford_cars"] = "stanford_cars"
+class CarsParams(RootedParams):
     root: str = Field(..., description="the folder holding devkit/ + cars_train/ + cars_test/, or car_ims/ + cars_annos.mat")
 
 

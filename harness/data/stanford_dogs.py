@@ -9,20 +9,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from harness.data import DatasetFamily, register_dataset
+from harness.data import DatasetFamily, RootedParams, register_dataset
 from harness.data._decode import DatasetError, existing_root, require
 from harness.data._split_builder import build_imageset
 from harness.data.imageset import ImageSet
 
 
-class DogsParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["stanford_dogs"] = "stanford_dogs"
+class DogsParams(RootedParams):
     root: str = Field(..., description="the folder holding Images/, train_list.mat and test_list.mat")
 
 

@@ -16,14 +16,13 @@ from the seed, at any resolution; the result is cached on disk as uint8 arrays.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from harness.data import DatasetFamily, register_dataset
+from harness.data import DatasetFamily, DatasetParams, register_dataset
 from harness.data.imageset import ImageSet, Split
 
 PART_NAMES = ("head", "beak", "eye", "wing", "tail", "crown")
@@ -46,11 +45,9 @@ PALETTE = {
 BODY_COLOURS = ((0.45, 0.32, 0.20), (0.50, 0.50, 0.48), (0.40, 0.45, 0.25), (0.65, 0.55, 0.40), (0.30, 0.28, 0.30))
 
 
-class SynthFGParams(BaseModel):
+class SynthFGParams(DatasetParams):
     """Knobs of the embedded dataset. Defaults are the harness's default difficulty."""
 
-    model_config = ConfigDict(extra="forbid")
-    name: Literal["synthfg"] = "synthfg"
     classes: int = Field(16, ge=2, le=432, description="number of classes (<= 432 attribute combinations)")
     train_per_class: int = Field(60, ge=1)
     test_per_class: int = Field(30, ge=1)

@@ -20,24 +20,19 @@ from ray import tune
 
 from harness.orchestrate._storage import checkpoint_dirs, read_marker
 from harness.results import FAILED, FINISHED
+from harness.trials import TrialConfig, stored_size
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def stored_size(config: dict) -> int:
-    """The size a trial's dataset is decoded at (train.resize, else the crop size)."""
-    return config["train"]["resize"] or config["train"]["image_size"]
 
 
 def dataset_key(config: dict) -> str:
     return json.dumps({"dataset": config["dataset"], "size": stored_size(config)}, sort_keys=True)
 
 
-def _imageset(config: dict):
-    from harness.data import DATASETS, load_imageset
+def _imageset(cfg: TrialConfig):
+    from harness.data import load_imageset
 
-    params = DATASETS.get(config["dataset"]["name"]).Params.model_validate(config["dataset"])
-    return load_imageset(params, stored_size(config))
+    return load_imageset(cfg.dataset, cfg.stored_size)
 
 
 @ray.remote(num_cpus=1)
@@ -47,7 +42,7 @@ def prepare_dataset(config: dict) -> dict:
     from harness.data._decode import DatasetError
 
     try:
-        imageset = _imageset(config)
+        imageset = _imageset(TrialConfig.parse(config))
     except (DatasetError, ValueError) as e:
         return {"error": str(e)}
     return {"num_classes": imageset.num_classes, "train": len(imageset.train),
@@ -158,8 +153,8 @@ def trainable(config: dict) -> None:
         if spec["workers"] == 1:
             from harness.engine import run_trial
 
-            final = run_trial(spec["config"], _imageset(spec["config"]), _TuneIO(spec["resume_from"]),
-                              threads=max(1, int(spec["cpu"])))
+            cfg = TrialConfig.parse(spec["config"])
+            final = run_trial(cfg, _imageset(cfg), _TuneIO(spec["resume_from"]), threads=max(1, int(spec["cpu"])))
             tune.report({**final_record(final), **_where()})
         else:
             _run_data_parallel(spec)
@@ -196,8 +191,8 @@ def _train_worker(loop_config: dict) -> None:
     _quiet()
     spec = loop_config["trial"]
     try:
-        final = run_trial(spec["config"], _imageset(spec["config"]), _TrainIO(), ProcessGroupCollective(),
-                          threads=max(1, int(spec["cpu"])))
+        cfg = TrialConfig.parse(spec["config"])
+        final = run_trial(cfg, _imageset(cfg), _TrainIO(), ProcessGroupCollective(), threads=max(1, int(spec["cpu"])))
         record = {**final_record(final), **_where()}
     except TrialDiverged as e:  # seen by every rank at the same step (the loss is all-reduced): a result
         record = failed_record(e)
