@@ -77,10 +77,10 @@ class StagedBackbone(nn.Module):
             kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
             pretrained = True
         if cfg.name.split(".")[0] not in timm.list_models():  # "name.pretrained_tag" is allowed
-            import difflib
-            close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
-            raise ValueError(f"backbone.name: timm has no model '{cfg.name}'" +
-                             (f"; did you mean {', '.join(close)}?" if close else ""))
+            from harness.registry import did_you_mean
+
+            raise ValueError(f"backbone.name: timm has no model '{cfg.name}'; "
+                             f"{did_you_mean(cfg.name, timm.list_models(), n=3)}".rstrip("; "))
         out_indices = {"out_indices": tuple(cfg.out_indices)} if cfg.out_indices is not None else {}
         with torch.device("meta"):  # which kind of model: free, no weights
             probe = timm.create_model(cfg.name, pretrained=False, **kwargs)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness._atomic import atomic_write
 from harness.backbones import build_backbone
 from harness.complexity import inference_complexity
 from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet
@@ -112,11 +113,7 @@ class TrialIO:
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write a checkpoint atomically (a temporary name, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:

@@ -23,9 +23,11 @@ class RegistryError(KeyError):
         return str(self.args[0])
 
 
-def did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(sorted(choices))}"
+def did_you_mean(name: str, choices, n: int = 1, prefix: str = "") -> str:
+    """"did you mean 'x'? " for the closest of `choices` (n of them), or "" when none is close: the one
+    helper behind every suggestion the harness makes (plugins, study keys, profiles, grid axes, backbones)."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f"did you mean {', '.join(repr(prefix + c) for c in close)}? " if close else ""
 
 
 def _name_params(cls: type, name: str, kind: str) -> None:
@@ -76,7 +78,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> type[T]:
         self._load()
         if name not in self._items:
-            raise RegistryError(f"unknown {self.kind} '{name}': {did_you_mean(name, list(self._items))}")
+            hint = did_you_mean(name, self._items) or f"choose one of: {', '.join(sorted(self._items))}"
+            raise RegistryError(f"unknown {self.kind} '{name}': {hint.strip()}")
         return self._items[name]
 
     def names(self) -> list[str]:

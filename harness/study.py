@@ -9,7 +9,6 @@ valid key for a typo.
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.backbones import BackboneConfig
-from harness.registry import RegistryError
+from harness.registry import RegistryError, did_you_mean
 
 SECTIONS_IN_GRID = ("method", "dataset", "backbone", "train")
 
@@ -293,8 +292,7 @@ def _format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple, 
                 section = f.annotation if f is not None else None
             valid = sorted(getattr(section, "model_fields", {}) or [])
             valid = [k for k in valid if k not in ("path", "profile")]
-            close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = did_you_mean(str(e["loc"][-1]), valid)
             messages.append(f"{at}unknown key '{dotted}': {hint}(valid keys: {', '.join(valid)})")
         else:
             field_model: Any = model
@@ -356,8 +354,7 @@ def load_study(path: str | os.PathLike, profile: str | None = None, overrides: t
         raise StudyError(f"{path}: 'profiles' must map profile names to overrides")
     selected = profile or "default"
     if profile not in (None, "default") and profile not in profiles:
-        close = difflib.get_close_matches(profile, list(profiles), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(profile, profiles)
         raise StudyError(f"{path}: no profile '{profile}': {hint}(profiles: default, {', '.join(profiles) or 'none'})")
     merged = {k: v for k, v in raw.items() if k != "profiles"}
     if selected in profiles:

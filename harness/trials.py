@@ -8,7 +8,6 @@ identities that already have a finished result; changing one knob reruns only th
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import hashlib
 import itertools
@@ -22,6 +21,7 @@ from harness import MATH_VERSION
 from harness.backbones import BackboneConfig
 from harness.data import DATASETS, DatasetParams
 from harness.plugin import METHODS, MethodParams
+from harness.registry import did_you_mean
 from harness.study import (SECTIONS_IN_GRID, Study, StudyError, TrainConfig, Where, _format_errors, get_dotted,
                            set_dotted)
 
@@ -159,8 +159,7 @@ def _check_axis(axis: str, values: Any, models: dict[str, type[BaseModel]], wher
                          "e.g. method.stages")
     fields = [f for f in models[section].model_fields if f != "name" or section != "method"]
     if key not in models[section].model_fields:
-        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
-        hint = f"did you mean '{section}.{close[0]}'? " if close else ""
+        hint = did_you_mean(key, fields, prefix=f"{section}.")
         raise StudyError(f"{at}grid axis '{axis}': {section} has no key '{key}': {hint}"
                          f"(valid keys: {', '.join(sorted(fields))})")
     if not isinstance(values, list) or not values:

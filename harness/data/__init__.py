@@ -21,14 +21,13 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness._atomic import atomic_write
 from harness.data.imageset import ImageSet, Split
 from harness.registry import Registry
 
@@ -123,10 +122,8 @@ def load_imageset(params: BaseModel, size: int, use_cache: bool = True) -> Image
 
 
 def _write(s: ImageSet, path: Path) -> None:
-    """Write to a temporary sibling folder, then rename: a cache entry is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    try:
+    """A cache entry is a folder written whole and renamed into place: never seen half-written."""
+    def write(tmp: Path) -> None:
         for split_name in ("train", "test"):
             split: Split = getattr(s, split_name)
             np.save(tmp / f"{split_name}_images.npy", split.images)
@@ -136,13 +133,8 @@ def _write(s: ImageSet, path: Path) -> None:
         meta = {"name": s.name, "num_classes": s.num_classes, "class_names": s.class_names,
                 "part_names": list(s.part_names), "meta": s.meta}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished the same entry first: theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_write(path, write, directory=True)
 
 
 def _read(path: Path) -> ImageSet:
