@@ -37,7 +37,7 @@ import torch
 from harness._atomic import atomic_write
 from harness.backbones import build_backbone
 from harness.complexity import inference_complexity
-from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet
+from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet, target_boxes
 from harness.distributed import Collective, sync_batchnorm
 from harness.plugin import METHODS, Method, OptimizerSteps
 from harness.study import TrainConfig
@@ -198,9 +198,16 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     mean, std = NORMALIZATIONS[train.normalize]
     shard = {"rank": collective.rank, "world_size": world, "device": device, "mean": mean, "std": std,
              "channels_last": train.channels_last}
+    boxes = None
+    if method.uses_boxes:
+        boxes = target_boxes(imageset, "train")
+        if boxes is None:
+            raise ValueError(f"method {cfg.method.name} trains on the dataset's target boxes, and "
+                             f"{cfg.dataset.name} has none (synthfg's parts, CUB's bounding boxes); turn the "
+                             "option that needs them off or use such a dataset")
     train_pipe = BatchPipeline(imageset.train, train.image_size, train.batch_size, train=True,
                                padding=train.crop_padding, hflip=train.hflip, colour_jitter=train.colour_jitter,
-                               random_scale=train.random_scale, **shard)
+                               random_scale=train.random_scale, boxes=boxes, **shard)
     eval_batch = train.eval_batch_size or 2 * train.batch_size
     test_pipe = BatchPipeline(imageset.test, train.image_size, max(1, eval_batch // world), train=False, **shard)
     if len(train_pipe) == 0:
@@ -234,9 +241,10 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         method_generator = epoch_generator(seed, epoch, METHOD_STREAM)
         sums: dict[str, float] = {}
         batches, t0 = 0, time.perf_counter()
-        for images, labels in train_pipe.batches(data_generator, train.max_train_batches):
+        for images, labels, *rest in train_pipe.batches(data_generator, train.max_train_batches):
             with autocast():
-                losses = method.training_step(images, labels, steps, method_generator)
+                losses = method.training_step(images, labels, steps, method_generator,
+                                              **({"boxes": rest[0]} if rest else {}))
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             batches += 1

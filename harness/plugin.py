@@ -5,6 +5,7 @@ and the registry. The smallest real plugin is methods/baseline.py.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -124,7 +125,7 @@ class Method(nn.Module):
 
     Params: ClassVar[type[MethodParams]]
     registry_name: ClassVar[str]
-    uses_boxes: ClassVar[bool] = False
+    uses_boxes: bool = False  # an instance may set it from its params (GAIN: external supervision)
     zero_grad_set_to_none: bool = True
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: MethodParams):
@@ -172,6 +173,21 @@ class Method(nn.Module):
     def extra_metrics(self) -> dict[str, float]:
         """Method-specific numbers for the results row (e.g. the parameters an attention module adds)."""
         return {}
+
+
+@contextmanager
+def frozen_batchnorm(module: nn.Module):
+    """Inside the block, the BatchNorm layers of `module` normalise with their running statistics and leave
+    them as they are (a pass on inputs that are not the data's: GAIN's erased images, RA-CNN's APN step);
+    gradients still flow."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 METHODS: Registry[Method] = Registry("method", Method, "methods", "fgvc_harness.methods")

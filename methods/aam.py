@@ -1,6 +1,6 @@
 """AAM plugin: a ResNet with an attention module after each residual stage, and its losses.
 
-The chosen module (none, SE, ECA, CBAM, AAM; methods/attention_modules.py) is inserted after the
+The chosen module (none, SE, ECA, CBAM, AAM, Residual Attention; methods/attention_modules.py) is inserted after the
 residual stages named by `placement` (backbone stage indices; default every residual stage, e.g.
 layer1..layer4 of a timm ResNet). Classification: global average pooling of the last stage and a
 linear layer. Loss (`loss`):
@@ -45,7 +45,10 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 
 
 class AAMParams(MethodParams):
-    module: Literal["none", "se", "eca", "cbam", "aam"] = Field("aam", description="attention module to insert")
+    module: Literal["none", "se", "eca", "cbam", "aam", "resatt"] = Field("aam", description="attention module to "
+                                                                                      "insert")
+    attention_learning: Literal["arl", "nal"] = Field("arl", description="Residual Attention: (1 + M) * T, or the "
+                                                                         "naive M * T of the paper's ablation")
     k: int = Field(3, ge=1, le=9, description="channel neighbourhood of ECA and AAM (odd, <= 9)")
     fusion: Literal["sum", "joint"] = Field("sum", description="AAM: F*Mc + F*Ms, or F*sigmoid(mc + ms)")
     spatial_kernel: Literal[3, 7] = Field(7, description="spatial conv of CBAM and AAM")
@@ -96,7 +99,7 @@ class AAMNet(Method):
         for stage in placement:  # wrap the stage's module: its output (the stage feature) is refined
             k = eca_kernel_size(backbone.channels[stage]) if params.k_adaptive and params.module == "eca" else params.k
             module = build_attention(params.module, backbone.channels[stage], k, params.reduction,
-                                     params.spatial_kernel, params.fusion)
+                                     params.spatial_kernel, params.fusion, params.attention_learning)
             self.attention[str(stage)] = module
             backbone.body[names[stage]] = nn.Sequential(backbone.body[names[stage]], module)
         channels = backbone.channels[-1]

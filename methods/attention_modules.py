@@ -1,4 +1,5 @@
-"""Attention modules as small reusable nn.Modules: SE, ECA, CBAM and AAM. Each keeps its input's shape.
+"""Attention modules as small reusable nn.Modules: SE, ECA, CBAM, AAM and Residual Attention. Each keeps
+its input's shape.
 
 - SE (Hu et al., 2018): squeeze (global average pool) -> Linear(C, C/r) -> ReLU -> Linear(C/r, C)
   -> sigmoid -> scale the channels. 2 C^2 / r + C/r + C parameters.
@@ -11,11 +12,21 @@
   neighbouring channels of the global MAX-pooled vector), spatial attention Ms = sigmoid(conv of
   [mean, max] over channels, 7x7 or 3x3). Interpretation of the fusion (a parameter):
   "sum": F' = F * Mc + F * Ms (default); "joint": F' = F * sigmoid(mc + ms) on the pre-sigmoid maps.
+- Residual Attention (Wang et al., CVPR 2017), one attention module {p=1, t=2, r=1} of the paper:
+  p pre-activation residual units, then a trunk T (t units) and a soft mask M from the same input,
+  combined as (1 + M) * T (attention residual learning, "arl") or M * T (naive, "nal", the paper's
+  ablation), then p units. The mask branch is bottom-up top-down: 3x3/2 max pools with r units each
+  until the map would fall below `min_size` (7, as the paper keeps 7x7 at its lowest; at most
+  `max_pools`), 2r units at the lowest resolution, then bilinear upsampling back step by step, each
+  joined by a residual unit on the bottom-up map of that scale (the skips; none at the input scale),
+  then BN-ReLU-1x1-BN-ReLU-1x1 and a sigmoid (the "mixed" activation). Sizes come from the tensors,
+  so any input size works. Units are pre-activation bottlenecks with the module's channel count.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -99,8 +110,74 @@ class AAM(nn.Module):
         return x * torch.sigmoid(mc) + x * torch.sigmoid(ms)
 
 
+class ResidualUnit(nn.Module):
+    """Pre-activation bottleneck, C -> C: x + conv1x1(relu(bn(conv3x3(relu(bn(conv1x1(relu(bn(x)))))))))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        mid = max(1, channels // 4)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, mid, 1, bias=False),
+            nn.BatchNorm2d(mid), nn.ReLU(inplace=True), nn.Conv2d(mid, mid, 3, padding=1, bias=False),
+            nn.BatchNorm2d(mid), nn.ReLU(inplace=True), nn.Conv2d(mid, channels, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _units(channels: int, n: int) -> nn.Sequential:
+    return nn.Sequential(*(ResidualUnit(channels) for _ in range(n)))
+
+
+def attention_residual(trunk: torch.Tensor, mask: torch.Tensor, learning: str = "arl") -> torch.Tensor:
+    """(1 + M) * T, attention residual learning (M = 0 leaves the trunk as it is), or the naive M * T."""
+    return (1 + mask) * trunk if learning == "arl" else mask * trunk
+
+
+class ResidualAttention(nn.Module):
+    def __init__(self, channels: int, learning: str = "arl", p: int = 1, t: int = 2, r: int = 1,
+                 min_size: int = 7, max_pools: int = 4):
+        super().__init__()
+        if learning not in ("arl", "nal"):
+            raise ValueError(f"residual attention learning must be arl or nal, got {learning!r}")
+        self.learning, self.min_size, self.max_pools = learning, min_size, max_pools
+        self.pre, self.trunk, self.post = _units(channels, p), _units(channels, t), _units(channels, p)
+        self.down = nn.ModuleList(_units(channels, r) for _ in range(max_pools))
+        self.skips = nn.ModuleList(ResidualUnit(channels) for _ in range(max_pools - 1))
+        self.up = nn.ModuleList(_units(channels, r) for _ in range(max_pools - 1))
+        self.bottom = _units(channels, 2 * r)
+        self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1),
+                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1))
+
+    def pools_for(self, size: int) -> int:
+        """Max pools for an input of `size`: halve while the result stays >= min_size (56 -> 3, 28 -> 2, 14 -> 1)."""
+        pools = 0
+        while pools < self.max_pools and size // 2 >= self.min_size:
+            size, pools = (size + 1) // 2, pools + 1
+        return pools
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The soft mask M(x) in (0, 1), shaped like x."""
+        pools = self.pools_for(min(x.shape[-2:]))
+        maps, y = [x], x
+        for level in range(pools):
+            y = self.down[level](F.max_pool2d(y, 3, stride=2, padding=1))
+            maps.append(y)
+        y = self.bottom(y)
+        for level in range(pools - 1, 0, -1):  # back up to the first pooled scale, joining each skip
+            y = F.interpolate(y, size=maps[level].shape[-2:], mode="bilinear", align_corners=False)
+            y = self.up[level - 1](y + self.skips[level - 1](maps[level]))
+        if pools:
+            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.sigmoid(self.head(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre(x)
+        return self.post(attention_residual(self.trunk(x), self.mask(x), self.learning))
+
+
 def build_attention(kind: str, channels: int, k: int = 3, reduction: int = 16, kernel_size: int = 7,
-                    fusion: str = "sum") -> nn.Module:
+                    fusion: str = "sum", learning: str = "arl") -> nn.Module:
     if kind == "none":
         return nn.Identity()
     if kind == "se":
@@ -111,4 +188,6 @@ def build_attention(kind: str, channels: int, k: int = 3, reduction: int = 16, k
         return CBAM(channels, reduction, kernel_size)
     if kind == "aam":
         return AAM(channels, k, kernel_size, fusion)
-    raise ValueError(f"unknown attention module {kind!r}: choose none, se, eca, cbam or aam")
+    if kind == "resatt":
+        return ResidualAttention(channels, learning)
+    raise ValueError(f"unknown attention module {kind!r}: choose none, se, eca, cbam, aam or resatt")

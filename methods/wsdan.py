@@ -225,12 +225,12 @@ class WSDAN(Method):
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.params
         logits, _, maps = self(images)
-        out = {"raw": logits}
-        if p.refine:
-            crops = attention_crop(images, maps.mean(1, keepdim=True), p.test_theta, p.test_padding)
-            crop_logits = self(crops)[0]
-            if p.refine_average == "probabilities":
-                out["refined"] = (logits.softmax(1) + crop_logits.softmax(1)) / 2
-            else:
-                out["refined"] = (logits + crop_logits) / 2
-        return out
+        if not p.refine:
+            return {"raw": logits}
+        crops = attention_crop(images, maps.mean(1, keepdim=True), p.test_theta, p.test_padding)
+        crop_logits = self(crops)[0]
+        if p.refine_average == "probabilities":
+            refined = (logits.softmax(1) + crop_logits.softmax(1)) / 2
+        else:
+            refined = (logits + crop_logits) / 2
+        return {"refined": refined, "raw": logits}

@@ -79,3 +79,32 @@ def test_invalid_settings():
         ECA(C, k=4)
     with pytest.raises(ValueError, match="unknown attention module"):
         build_attention("bam", C)
+
+
+def test_residual_attention_arl_is_the_trunk_when_the_mask_is_zero():
+    from methods.attention_modules import attention_residual
+
+    trunk, zero = torch.randn(2, 8, 5, 5), torch.zeros(2, 8, 5, 5)
+    assert torch.equal(attention_residual(trunk, zero, "arl"), trunk)  # (1 + 0) * T
+    assert torch.equal(attention_residual(trunk, zero, "nal"), zero)  # 0 * T: naive learning loses the trunk
+    mask = torch.rand(2, 8, 5, 5)
+    torch.testing.assert_close(attention_residual(trunk, mask, "arl"), trunk + mask * trunk)
+
+
+def test_residual_attention_module_shapes_pools_and_mask_range():
+    from methods.attention_modules import ResidualAttention
+
+    module = ResidualAttention(16).eval()
+    assert [module.pools_for(s) for s in (56, 28, 14, 7, 4)] == [3, 2, 1, 0, 0]  # the paper's 3 / 2 / 1
+    for size in (28, 16, 7):
+        x = torch.randn(2, 16, size, size)
+        with torch.no_grad():
+            m = module.mask(x)
+            assert m.shape == x.shape and m.min() > 0 and m.max() < 1
+            assert module(x).shape == x.shape
+    with torch.no_grad():  # a zero mask-head makes M = 0.5 everywhere: output = post(1.5 * trunk(pre(x)))
+        for p in module.head[-1].parameters():
+            p.zero_()
+        x = torch.randn(1, 16, 14, 14)
+        pre = module.pre(x)
+        torch.testing.assert_close(module(x), module.post(1.5 * module.trunk(pre)))

@@ -55,3 +55,26 @@ def test_cache_is_reused(tmp_path, monkeypatch):
     assert np.array_equal(first.train.images, second.train.images)
     assert isinstance(second.train.images, np.memmap) and not second.train.images.flags.writeable  # shared, read-only
     assert second.class_names == first.class_names and second.part_names == first.part_names
+
+
+def test_target_boxes_are_the_parts_that_tell_neighbouring_classes_apart():
+    from harness.data.imageset import target_boxes
+    from harness.data.synthfg import ATTRIBUTE_PART, ATTRIBUTES, PART_NAMES, discriminative_parts
+
+    attrs = class_attributes(6)
+    parts = discriminative_parts(attrs)
+    keys = list(ATTRIBUTES)
+    for k, chosen in enumerate(parts):
+        expected = []
+        for j in (k - 1, k + 1):
+            if 0 <= j < 6:
+                part = PART_NAMES.index(ATTRIBUTE_PART[keys[int(np.flatnonzero(attrs[k] != attrs[j])[0])]])
+                expected += [part] if part not in expected else []
+        assert chosen == expected and 1 <= len(chosen) <= 2
+    s = generate(SynthFGParams(classes=6, train_per_class=3, test_per_class=2), 48)
+    boxes = target_boxes(s, "test")
+    assert boxes.shape[0] == len(s.test) and boxes.shape[2] == 4
+    for i, y in enumerate(s.test.labels):
+        for k, part in enumerate(parts[y]):
+            assert np.array_equal(boxes[i, k], s.test.boxes[i, part])
+        assert (boxes[i, len(parts[y]):] == -1).all()

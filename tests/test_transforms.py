@@ -59,3 +59,37 @@ def test_colour_jitter_is_per_image_within_range_and_seeded():
     assert torch.allclose(ratio.min(1).values, ratio.max(1).values, atol=1e-4)  # one factor per image
     assert ratio[:, 0].min() >= 0.6 - 1e-6 and ratio[:, 0].max() <= 1.4 + 1e-6 and ratio[:, 0].std() > 0
     assert torch.equal(colour_jitter(x, [0, 0, 0, 0]), x)
+
+
+def test_boxes_follow_the_crop_flip_and_rescale():
+    """A white square in the stored image, its box carried by the pipeline: in every augmented image the box
+    still frames the white pixels."""
+    import numpy as np
+
+    from harness.data.imageset import BatchPipeline, Split
+
+    images = np.zeros((32, 3, 40, 40), dtype=np.uint8)
+    boxes = np.full((32, 2, 4), -1, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        x0, y0 = rng.integers(8, 24, 2)
+        images[i, :, y0:y0 + 8, x0:x0 + 8] = 255
+        boxes[i, 0] = (x0, y0, x0 + 8, y0 + 8)
+    split = Split(images=images, labels=np.zeros(32, dtype=np.int64))
+    unit = dict(mean=(0, 0, 0), std=(1 / 255, 1 / 255, 1 / 255))
+    for kw in ({"padding": 4}, {"random_scale": [0.8, 1.25]}, {}):
+        pipe = BatchPipeline(split, 32, 32, train=True, boxes=boxes, **unit, **kw)
+        images_out, _, boxes_out = next(pipe.batches(torch.Generator().manual_seed(1)))
+        assert (boxes_out[:, 1] == -1).all()  # an absent box stays absent
+        for img, box in zip(images_out, boxes_out[:, 0]):
+            white = (img[0] > 127).nonzero()
+            if box[0] < 0:
+                assert len(white) == 0 or kw  # cropped away (rescaling may keep a sliver)
+                continue
+            y0, x0 = white.min(0).values.tolist()
+            y1, x1 = (white.max(0).values + 1).tolist()
+            assert abs(x0 - box[0]) <= 1.5 and abs(y0 - box[1]) <= 1.5, (kw, box, (x0, y0, x1, y1))
+            assert abs(x1 - box[2]) <= 1.5 and abs(y1 - box[3]) <= 1.5, (kw, box, (x0, y0, x1, y1))
+    test = BatchPipeline(split, 32, 32, train=False, boxes=boxes, **unit)
+    _, _, centred = next(test.batches())
+    torch.testing.assert_close(centred[:, 0], torch.as_tensor(boxes[:, 0]) - 4)  # centre crop: 4 px off each side

@@ -32,7 +32,7 @@ from harness.data.imageset import ImageSet, Split
 from harness.registry import Registry
 
 # Bump when a change alters the pixels a dataset family produces, so stale caches are not reused.
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: synthfg records each class's discriminative parts
 
 
 class DatasetParams(BaseModel):

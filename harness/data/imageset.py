@@ -43,6 +43,26 @@ class ImageSet:
     meta: dict = field(default_factory=dict)
 
 
+def target_boxes(imageset: ImageSet, split: str) -> np.ndarray | None:
+    """(N, K, 4) xyxy boxes in stored pixels of what tells each image's class apart, -1 where absent:
+    synthfg's discriminative parts (the parts whose attribute differs from the neighbouring classes'),
+    a real dataset's object box (CUB's bounding_boxes.txt); None when the dataset has no boxes."""
+    s = getattr(imageset, split)
+    if s.boxes is None:
+        return None
+    parts = imageset.meta.get("discriminative_parts")
+    if parts is None:
+        return np.asarray(s.boxes, dtype=np.float32)
+    k = max(len(p) for p in parts)
+    table = np.full((len(parts), k), -1, dtype=np.int64)  # class -> its parts, padded
+    for c, p in enumerate(parts):
+        table[c, :len(p)] = p
+    chosen = table[np.asarray(s.labels)]  # (N, K)
+    boxes = np.take_along_axis(np.asarray(s.boxes), np.clip(chosen, 0, None)[:, :, None], axis=1).astype(np.float32)
+    boxes[chosen < 0] = -1
+    return boxes
+
+
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """Zero-copy tensor view of a (possibly read-only, object-store backed) array. Never write into it."""
     with warnings.catch_warnings():
@@ -74,7 +94,7 @@ class BatchPipeline:
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                  drop_last: bool | None = None, colour_jitter: list[float] | None = None,
                  rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 random_scale: list[float] | None = None):
+                 random_scale: list[float] | None = None, boxes: np.ndarray | None = None):
         self.images, self.labels = as_tensor(split.images), as_tensor(split.labels)
         stored = self.images.shape[-1]
         if image_size > stored + 2 * padding:
@@ -88,6 +108,8 @@ class BatchPipeline:
         self.drop_last = train if drop_last is None else drop_last
         self.colour_jitter = colour_jitter if train else None
         self.random_scale = random_scale if train else None
+        # (N, K, 4) stored-pixel boxes to carry through the crop, flip and rescale (see `batches`)
+        self.boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)) if boxes is not None else None
         self.pin = self.device.type == "cuda"
         # x_uint8 * scale + bias == (x / 255 - mean) / std
         self.scale = [1.0 / (255.0 * s) for s in std]
@@ -103,7 +125,10 @@ class BatchPipeline:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batches(self, generator: torch.Generator | None = None,
-                max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(images, labels), or (images, labels, boxes) when the pipeline carries boxes: (B, K, 4) xyxy in
+        pixels of the batch images (after padding, crop, rescale and flip), clipped to them, -1 where a box
+        is absent or falls outside."""
         n = len(self.labels)
         order = torch.randperm(n, generator=generator) if self.train else torch.arange(self.rank, n, self.world_size)
         local = self.batch_size // self.world_size if self.train else self.batch_size
@@ -116,7 +141,12 @@ class BatchPipeline:
             labels = self.labels[idx]
             if self.pin:
                 labels = labels.pin_memory()
-            yield self._make(idx, augment), labels.to(self.device, non_blocking=True)
+            images, placement = self._make(idx, augment)
+            labels = labels.to(self.device, non_blocking=True)
+            if self.boxes is None:
+                yield images, labels
+            else:
+                yield images, labels, self._place_boxes(self.boxes[idx], *placement).to(self.device)
 
     def _draw(self, n: int, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """Random crop offsets, flips and jitter factors of n images, in the generator's fixed order."""
@@ -133,9 +163,10 @@ class BatchPipeline:
             out.update(draw_jitter(n, self.colour_jitter, generator))
         return out
 
-    def _make(self, idx: torch.Tensor, augment: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    def _make(self, idx: torch.Tensor, augment: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, tuple]:
         """Crop (and flip) straight from the shared uint8 images into a float batch, then normalise
-        in place: one uint8 read and three passes over the float output, no other copies."""
+        in place: one uint8 read and three passes over the float output, no other copies. Also returns
+        where each crop came from (corner offsets in the unpadded image, sides, flips) for `_place_boxes`."""
         size, stored = self.image_size, self.images.shape[-1]
         if augment is not None:
             source = self.images
@@ -145,24 +176,26 @@ class BatchPipeline:
             flips = augment["flips"].tolist()
             if "scales" in augment:
                 return self._make_rescaled(source, idx, augment, flips)
-            offsets = augment["offsets"].tolist()
+            offsets = [(oy - self.padding, ox - self.padding) for oy, ox in augment["offsets"].tolist()]
         else:
             source, o = self.images, (stored - size) // 2
             offsets, flips = [(o, o)] * len(idx), [False] * len(idx)
         # On an accelerator the uint8 crops travel (4x fewer bytes) and become floats there.
         on_cpu, dtype = self.device.type == "cpu", torch.get_default_dtype()
         out = torch.empty((len(idx), 3, size, size), dtype=dtype if on_cpu else torch.uint8, pin_memory=self.pin)
+        pad = self.padding if augment is not None else 0
         for i, (j, (oy, ox), flip) in enumerate(zip(idx.tolist(), offsets, flips)):
-            crop = source[j, :, oy:oy + size, ox:ox + size]
+            crop = source[j, :, oy + pad:oy + pad + size, ox + pad:ox + pad + size]
             out[i].copy_(crop.flip(-1) if flip else crop)  # uint8 -> float while copying on CPU
-        return self._finish(out, augment)
+        return self._finish(out, augment), (offsets, [size] * len(idx), flips)
 
     def _make_rescaled(self, source: torch.Tensor, idx: torch.Tensor, augment: dict,
-                       flips: list[bool]) -> torch.Tensor:
+                       flips: list[bool]) -> tuple[torch.Tensor, tuple]:
         """Random rescaling: the crop side taken from the (padded) stored image is image_size / scale (at most
         the whole image), resized to image_size (bilinear, antialiased), and rounded back to uint8 levels like
         a decoded image."""
         size, full = self.image_size, source.shape[-1]
+        placed = []
         on_cpu = self.device.type == "cpu"
         out = torch.empty((len(idx), 3, size, size), dtype=torch.get_default_dtype() if on_cpu else torch.uint8,
                           pin_memory=self.pin)
@@ -170,12 +203,27 @@ class BatchPipeline:
                                                            augment["positions"].tolist(), flips)):
             side = min(full, max(1, round(size / scale)))
             oy, ox = int(fy * (full - side + 1)), int(fx * (full - side + 1))
+            placed.append((oy - self.padding, ox - self.padding, side))
             crop = source[j, :, oy:oy + side, ox:ox + side].float()[None]
             if side != size:
                 crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             crop = crop[0].round_().clamp_(0, 255)
             out[i].copy_(crop.flip(-1) if flip else crop)
-        return self._finish(out, augment)
+        return self._finish(out, augment), ([(oy, ox) for oy, ox, _ in placed], [s for *_, s in placed], flips)
+
+    def _place_boxes(self, boxes: torch.Tensor, offsets: list, sides: list, flips: list) -> torch.Tensor:
+        """Stored-pixel boxes (B, K, 4) into the batch's pixels: shift by each crop's corner (offsets relative
+        to the unpadded image), scale by image_size / side, mirror the flipped ones, clip; -1 if gone."""
+        size = self.image_size
+        corner = torch.tensor([[ox, oy, ox, oy] for oy, ox in offsets], dtype=torch.float32)[:, None]
+        scale = torch.tensor([size / side for side in sides], dtype=torch.float32)[:, None, None]
+        out = ((boxes - corner) * scale).clamp(0, size)
+        flip = torch.tensor(flips, dtype=torch.bool)
+        out[flip] = torch.stack([size - out[flip][..., 2], out[flip][..., 1], size - out[flip][..., 0],
+                                 out[flip][..., 3]], -1)
+        gone = (boxes[..., 0] < 0) | (out[..., 2] <= out[..., 0]) | (out[..., 3] <= out[..., 1])
+        out[gone] = -1
+        return out
 
     def _finish(self, out: torch.Tensor, augment: dict | None) -> torch.Tensor:
         """To the device, to floats, jitter, normalise."""

@@ -78,6 +78,23 @@ def class_attributes(classes: int) -> np.ndarray:
     return np.asarray(gray_code(classes, radices), dtype=np.int64)
 
 
+def discriminative_parts(attrs: np.ndarray) -> list[list[int]]:
+    """Per class, the indices (in PART_NAMES) of the parts that tell it apart from its neighbours: the part
+    whose attribute differs from class k-1's and the one that differs from class k+1's (one each: Gray code)."""
+    keys = list(ATTRIBUTES)
+    out = []
+    for k in range(len(attrs)):
+        parts = []
+        for j in (k - 1, k + 1):
+            if 0 <= j < len(attrs):
+                (column,) = np.flatnonzero(attrs[k] != attrs[j])
+                part = PART_NAMES.index(ATTRIBUTE_PART[keys[column]])
+                if part not in parts:
+                    parts.append(part)
+        out.append(parts)
+    return out
+
+
 def class_names(attrs: np.ndarray) -> list[str]:
     keys = list(ATTRIBUTES)
     return ["|".join(f"{keys[j]}={ATTRIBUTES[keys[j]][a]}" for j, a in enumerate(row)) for row in attrs]
@@ -247,7 +264,8 @@ def generate(p: SynthFGParams, size: int, chunk: int = 256) -> ImageSet:
         splits[split] = Split(images=torch.cat(imgs).numpy(), labels=labels.numpy(), boxes=torch.cat(boxes).numpy())
     return ImageSet(name="synthfg", num_classes=p.classes, class_names=class_names(attrs),
                     train=splits["train"], test=splits["test"], part_names=PART_NAMES,
-                    meta={"attributes": attrs.tolist(), "attribute_names": list(ATTRIBUTES)})
+                    meta={"attributes": attrs.tolist(), "attribute_names": list(ATTRIBUTES),
+                          "discriminative_parts": discriminative_parts(attrs)})
 
 
 @register_dataset("synthfg")
