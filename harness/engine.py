@@ -40,6 +40,8 @@ from harness.complexity import inference_complexity
 from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet, target_boxes
 from harness.distributed import Collective, sync_batchnorm
 from harness.plugin import METHODS, Method, OptimizerSteps
+from harness.reference import reference_throughput
+from harness.stats import pack_correct
 from harness.study import TrainConfig
 from harness.trials import TrialConfig
 
@@ -141,22 +143,29 @@ class LocalCheckpoints(TrialIO):
 
 @torch.no_grad()
 def evaluate(method: Method, pipeline: BatchPipeline, autocast, flip: int | None = None,
-             prefix: str = "test", collective: Collective | None = None) -> dict[str, float]:
+             prefix: str = "test", collective: Collective | None = None,
+             per_image: bool = False) -> dict[str, float] | tuple[dict[str, float], torch.Tensor]:
     """Top-1 of every head (`<prefix>/acc/<head>`) and of the primary head (`<prefix>/acc`), counted
     over the whole test set (each worker's share, summed). `flip`: test on images flipped along dim -1
-    (horizontal) or -2 (vertical), the MKSMT robustness test."""
+    (horizontal) or -2 (vertical), the MKSMT robustness test. With `per_image`, also the primary head's
+    correctness on every test image, in test-set order (the tables' bootstrap over images uses it)."""
     method.eval()
     correct: dict[str, int] = {}
+    hits: list[torch.Tensor] = []
     total = 0
-    for images, labels in pipeline.batches():
+    for images, labels, *_ in pipeline.batches():
         if flip is not None:
             images = images.flip(flip)
         with autocast():
             heads = method.predict(images)
         for name, logits in heads.items():
-            correct[name] = correct.get(name, 0) + int((logits.argmax(1) == labels).sum())
+            right = logits.argmax(1) == labels
+            correct[name] = correct.get(name, 0) + int(right.sum())
+            if per_image and name == method.primary_head:
+                hits.append(right.cpu())
         total += len(labels)
-    if collective is not None and collective.world_size > 1:
+    distributed = collective is not None and collective.world_size > 1
+    if distributed:
         names = sorted(set(correct) | set(method.heads))  # the same keys on every worker, even one with no images
         counts = torch.tensor([correct.get(n, 0) for n in names] + [total], dtype=torch.float64,
                               device=next(method.parameters()).device)
@@ -164,7 +173,15 @@ def evaluate(method: Method, pipeline: BatchPipeline, autocast, flip: int | None
         correct, total = dict(zip(names, counts[:-1])), counts[-1]
     metrics = {f"{prefix}/acc/{name}": c / total for name, c in correct.items()}
     metrics[f"{prefix}/acc"] = metrics[f"{prefix}/acc/{method.primary_head}"]
-    return metrics
+    if not per_image:
+        return metrics
+    n = len(pipeline.labels)  # this worker saw images rank, rank + W, ...: put them in their places
+    full = torch.zeros(n, dtype=torch.float64, device=next(method.parameters()).device)
+    if hits:
+        full[torch.arange(pipeline.rank, n, pipeline.world_size)] = torch.cat(hits).to(full)
+    if distributed:
+        full = collective.sum(full)
+    return metrics, full.bool().cpu()
 
 
 def device_name(device: torch.device) -> str:
@@ -215,6 +232,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                          f"train.batch_size={train.batch_size}: nothing would be trained; lower train.batch_size")
 
     start_epoch, history, train_time, images_seen = 0, [], 0.0, 0
+    last_correct = None
     state = io.restore()
     if state is not None:
         method.load_state_dict(state["model"])
@@ -230,6 +248,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     if train.compile:
         method.compile()  # in place: state-dict keys and the checkpoint format stay as they are
 
+    reference = reference_throughput(device, train.amp) if train.reference_workload else None
     n_params = sum(p.numel() for p in method.parameters())
     metrics: dict = history[-1] if history else {}
     for epoch in range(start_epoch, train.epochs):
@@ -260,7 +279,10 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         metrics = {"epoch": epoch + 1, **{f"train/{k}": v / max(batches, 1) for k, v in sums.items()},
                    "lr": optimizer.param_groups[0]["lr"], "train/images_per_s": epoch_images / max(epoch_time, 1e-9),
                    "train/epoch_time_s": epoch_time}
-        if (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs:
+        if epoch + 1 == train.epochs:  # the last epoch's evaluation also keeps each test image's outcome
+            scores, last_correct = evaluate(method, test_pipe, autocast, collective=collective, per_image=True)
+            metrics.update(scores)
+        elif (epoch + 1) % train.eval_every == 0:
             metrics.update(evaluate(method, test_pipe, autocast, collective=collective))
         history.append(metrics)
         checkpoint = None
@@ -272,16 +294,23 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         io.report(dict(metrics), checkpoint)
 
     final = dict(metrics)
+    if last_correct is None:  # resumed after the last epoch: evaluate it again for the per-image outcome
+        final.update((scores := evaluate(method, test_pipe, autocast, collective=collective, per_image=True))[0])
+        last_correct = scores[1]
+    final["test/correct"] = pack_correct(last_correct.numpy())
     if train.eval_flips:
         final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip", collective=collective))
         final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip", collective=collective))
     final.update(best_epochs(history))
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
+    if reference:
+        final.update({"reference/images_per_s": reference,
+                      "train/images_per_s_rel": images_seen / max(train_time, 1e-9) / reference})
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,
                   "wall_time_s": time.perf_counter() - wall_start, "optimizer_steps": steps.count,
                   "params": n_params, "device": device.type, "device_name": device_name(device),
-                  "world_size": world, "num_classes": imageset.num_classes,
+                  "world_size": world, "num_classes": imageset.num_classes, "heads": ",".join(method.heads),
                   "resumed_from_epoch": start_epoch, "history": history})
     return final
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import numbers
 import sys
 from pathlib import Path
 
@@ -19,94 +18,7 @@ import pandas as pd
 import yaml
 
 from harness.results import FAILED, FINISHED, atomic_write_bytes
-
-MISSING = "-"
-
-
-def _number(value: float) -> str:
-    if abs(value) >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if abs(value) >= 1e4:
-        return f"{value / 1e3:.1f}k"
-    return f"{value:.4g}"
-
-
-def _cell(values: pd.Series, statuses: pd.Series, percent: bool = True) -> str:
-    """Accuracies in % (mean ± std over finished seeds); other metrics (params, GFLOPs) as plain numbers."""
-    ok = values[statuses == FINISHED].dropna()
-    if ok.empty:
-        return "failed" if (statuses == FAILED).any() else MISSING
-    scale = 100 if percent else 1
-    text = f"{scale * ok.mean():.1f}" if percent else _number(ok.mean())
-    if len(ok) > 1 and ok.std(ddof=1) > 0:
-        text += f" ± {scale * ok.std(ddof=1):.1f}" if percent else f" ± {_number(ok.std(ddof=1))}"
-    n_failed = int((statuses == FAILED).sum())
-    return text + (f" ({n_failed} failed)" if n_failed else "")
-
-
-def is_accuracy(metric: str) -> bool:
-    return "/acc" in metric
-
-
-def _label(axis: str, value) -> str:
-    return f"{axis.split('.')[-1]}={value}"
-
-
-def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | None,
-                metric: str | list[str]) -> pd.DataFrame:
-    """rows x columns of `metric` (in %), mean ± std over seeds; 'failed' where every seed failed.
-
-    `columns` may name several axes (e.g. WS-DAN's crop and drop): one column per combination;
-    `metric` may list several metrics (e.g. MKSMT's heads): one column per metric, after the axes."""
-    metrics = [metric] if isinstance(metric, str) else list(metric)
-    for m in metrics:
-        if m not in results.columns:
-            results = results.assign(**{m: float("nan")})
-    cols = [columns] if isinstance(columns, str) else list(columns or [])
-    cells = {}
-    for key, group in results.groupby([rows] + cols, sort=True, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        for m in metrics:
-            cells[key + (m,)] = _cell(group[m], group["status"], percent=is_accuracy(m))
-    row_values = sorted(results[rows].unique(), key=_sort_key)
-    combos = sorted({tuple(v) for v in results[cols].itertuples(index=False)}, key=lambda t: [_sort_key(x) for x in t])
-    combos = combos if cols else [()]
-    labels, keys = [], []
-    for combo in combos:
-        for m in metrics:
-            parts = [_label(a, v) for a, v in zip(cols, combo)] + ([m] if len(metrics) > 1 or not cols else [])
-            labels.append(", ".join(parts))
-            keys.append(combo + (m,))
-    return pd.DataFrame([[cells.get((r,) + k, MISSING) for k in keys] for r in row_values],
-                        index=pd.Index([str(r) for r in row_values], name=rows.split(".")[-1]), columns=labels)
-
-
-def add_references(table: pd.DataFrame, reference: dict | None, study_path: str) -> pd.DataFrame:
-    """Print paper numbers beside ours: '92.1 (paper 92.8, -0.7)' in the cells the study maps."""
-    if not reference:
-        return table
-    path = Path(reference["file"])
-    if not path.is_absolute():
-        path = Path(study_path).parent / "references" / path
-    if not path.exists():
-        raise FileNotFoundError(f"reference file {path} not found (table.reference.file in {study_path})")
-    paper = pd.read_csv(path)
-    table = table.copy()
-    for cell in reference.get("cells", []):
-        match = paper[paper["setting"] == cell["setting"]]
-        if match.empty:
-            raise ValueError(f"{path}: no row with setting {cell['setting']!r}")
-        if cell["row"] not in table.index or cell["column"] not in table.columns:
-            continue
-        value = float(match["value"].iloc[0])
-        ours = table.loc[cell["row"], cell["column"]]
-        try:
-            delta = f", {float(ours.split()[0]) - value:+.1f}"
-        except ValueError:
-            delta = ""
-        table.loc[cell["row"], cell["column"]] = f"{ours} (paper {value:.1f}{delta})"
-    return table
-
+from harness.tables import LEGEND, add_references, head_table, paper_table  # noqa: F401 - the table API
 
 def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str | None]:
     """One string column standing for several axes (for a plot's hue or style)."""
@@ -119,29 +31,16 @@ def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str 
     return df.assign(**{name: df[axes].astype(str).agg(", ".join, axis=1)}), name
 
 
-def _sort_key(value):
-    """Numbers in numeric order (numpy's too: parquet columns come back as numpy scalars), then text."""
-    return (0, float(value)) if isinstance(value, numbers.Number) else (1, str(value))
-
-
-def head_table(results: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """Every head's accuracy per grid point (mean over finished seeds), in %."""
-    heads = [c for c in results.columns if c.startswith("test/acc/")]
-    finished = results[results["status"] == FINISHED]
-    if finished.empty or not heads:
-        return pd.DataFrame()
-    table = finished.groupby(axes, dropna=False)[heads].mean() * 100 if axes else finished[heads].mean().to_frame().T * 100
-    return table.rename(columns=lambda c: c.removeprefix("test/acc/")).round(1)
-
-
 def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFrame, out: Path, title: str,
                  protocol: str = "") -> None:
     """table.md holds every table; each also as CSV and LaTeX (table.csv, or table_<name>.csv when named)."""
-    md = f"# {title}\n\nTop-1 % (mean ± std over seeds)\n"
+    md = f"# {title}\n\nTop-1 % for accuracies: {LEGEND}.\n"
     for name, (table, metric) in tables.items():
         md += f"\n## {name or metric}\n\n{table.to_markdown()}\n"
         stem = f"table_{name}" if name else "table"
         atomic_write_bytes(out / f"{stem}.csv", table.to_csv().encode())
+        if "stats" in table.attrs:
+            atomic_write_bytes(out / f"{stem}_stats.csv", table.attrs["stats"].to_csv(index=False).encode())
         caption = f"{title}{': ' + name if name else ''} (top-1 \\%)"
         atomic_write_bytes(out / f"{stem}.tex", table.to_latex(escape=True, caption=caption).encode())
     if not heads.empty:
@@ -241,7 +140,8 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         write_plots(subset, subset_curves, plot_axes, spec["rows"], columns, first_metric, plot_dir)
     from harness.protocol import protocol_markdown
 
-    write_tables(tables, head_table(results, axes), out, f"{study['name']} ({study['profile']} profile)",
+    order = results["heads"].dropna().iloc[0].split(",") if "heads" in results and results["heads"].notna().any() else None
+    write_tables(tables, head_table(results, axes, order), out, f"{study['name']} ({study['profile']} profile)",
                  protocol_markdown(study))
     summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
                "failed": int((results["status"] == FAILED).sum())}

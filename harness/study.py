@@ -73,6 +73,9 @@ class TrainConfig(Strict):
     channels_last: bool = Field(False, description="NHWC memory layout of the model and its input (faster convolutions "
                                                    "on tensor-core GPUs)")
     compile: bool = Field(False, description="torch.compile the method (first steps pay the compilation)")
+    reference_workload: bool = Field(False, description="time a fixed reference network in the trial's process "
+                                     "before training: train/images_per_s_rel = throughput / its (harness.gate "
+                                     "compares that across machines); not part of the trial's identity")
     timeout_s: float | None = Field(None, gt=0.0, description="stop a trial still running after this many "
                                     "seconds (hung or too slow) and record it failed with the reason; not part "
                                     "of the trial's identity")

@@ -88,7 +88,7 @@ def all_axes(study: Study) -> list[str]:
 
 
 # How a trial is run, not what it computes: changing these never reruns a finished trial.
-IDENTITY_NEUTRAL = {"train": {"timeout_s"}}
+IDENTITY_NEUTRAL = {"train": {"timeout_s", "reference_workload"}}
 
 
 def _json(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from harness.report import head_table, paper_table
+from harness.tables import head_table, paper_table
 
 
 def results():
@@ -21,8 +21,8 @@ def results():
 def test_paper_layout_mean_std_and_failures():
     table = paper_table(results(), "method.stages", "method.jigsaw", "test/acc")
     assert list(table.index) == ["1", "2"] and list(table.columns) == ["jigsaw=False", "jigsaw=True"]
-    assert table.loc["1", "jigsaw=True"] == "65.0 ± 7.1"  # mean of 60, 70; sample std 7.07
-    assert table.loc["2", "jigsaw=True"] == "70.0 (1 failed)"
+    assert table.loc["1", "jigsaw=True"].startswith("65.0 ± 7.1 (n=2)")  # mean of 60, 70; sample std 7.07
+    assert table.loc["2", "jigsaw=True"].startswith("70.0 (1 failed)")
     assert table.loc["2", "jigsaw=False"] == "failed"
 
 
@@ -32,7 +32,7 @@ def test_missing_cells_and_single_axis():
     table = paper_table(df, "method.stages", "method.jigsaw", "test/acc")
     assert table.loc["1", "jigsaw=True"] == "-"
     single = paper_table(df[df["seed"] == 0], "method.stages", None, "test/acc")
-    assert single.loc["1", "test/acc"] == "60.0"
+    assert single.loc["1", "test/acc"] == "60.0 ?"  # one seed and no per-image results: no test applies
 
 
 def test_head_table_averages_finished_trials():
@@ -47,7 +47,7 @@ def test_several_column_axes():
     table = paper_table(pd.DataFrame(rows), "method.attention_maps", ["method.crop", "method.drop"], "test/acc")
     assert list(table.columns) == ["crop=False, drop=False", "crop=False, drop=True", "crop=True, drop=False",
                                    "crop=True, drop=True"]
-    assert table.loc["4", "crop=True, drop=True"] == "43.0"
+    assert table.loc["4", "crop=True, drop=True"] == "43.0 *"  # the best cell
 
 
 def test_numeric_rows_sort_as_numbers():
@@ -57,17 +57,17 @@ def test_numeric_rows_sort_as_numbers():
 
 
 def test_metric_columns_and_references(tmp_path):
-    from harness.report import add_references
+    from harness.tables import add_references
     df = pd.DataFrame([{"method.distillation": d, "seed": 0, "status": "finished", "test/acc/S3": 0.5 + i / 10,
                         "test/acc/S4": 0.6 + i / 10} for i, d in enumerate(["decision", "none"])])
     table = paper_table(df, "method.distillation", None, ["test/acc/S3", "test/acc/S4"])
     assert list(table.columns) == ["test/acc/S3", "test/acc/S4"]
-    assert table.loc["none", "test/acc/S4"] == "70.0"
+    assert table.loc["none", "test/acc/S4"] == "70.0 *"
     refs = tmp_path / "references"
     refs.mkdir()
     (refs / "p.csv").write_text("paper,table,dataset,backbone,method,setting,metric,value,source\n"
                                 "P,t,cub200,x,m,kd=none head=S4,top1,92.1,text\n")
     spec = {"file": "p.csv", "cells": [{"row": "none", "column": "test/acc/S4", "setting": "kd=none head=S4"}]}
     with_ref = add_references(table, spec, str(tmp_path / "study.yaml"))
-    assert with_ref.loc["none", "test/acc/S4"] == "70.0 (paper 92.1, -22.1)"
-    assert with_ref.loc["decision", "test/acc/S4"] == "60.0"
+    assert with_ref.loc["none", "test/acc/S4"] == "70.0 * (paper 92.1, -22.1)"
+    assert with_ref.loc["decision", "test/acc/S4"] == "60.0 ?"

@@ -250,3 +250,10 @@ def test_workers_need_a_batch_that_divides_and_whole_gpus(tiny_study):
     # The batch may divide in the base but not in a grid point: the message names that trial.
     with pytest.raises(StudyError, match=r"(?s)batch_size=6 does not divide.*in the trial with .*train.batch_size=6"):
         load_study(tiny_study, overrides=["resources.workers=4", "grid.train.batch_size=[8, 6]"])
+
+
+def test_the_smoke_study_covers_every_registered_method():
+    from harness.plugin import METHODS
+    study = load_study(ROOT / "studies/ci_smoke.yaml")
+    assert {t.config["method"]["name"] for t in study.trials} == set(METHODS.names())
+    assert all(t.config["train"]["reference_workload"] for t in study.trials)

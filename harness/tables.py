@@ -1,0 +1,187 @@
+"""Tables in the paper's layout, with honest statistics, from a run's results.parquet.
+
+A cell is the mean over the seeds that finished, in % for accuracies: "65.0 ± 7.1 (n=2)", and with 3
+or more seeds its 95% confidence interval "(n=3, CI 58.1-71.9)". Within a table, for each accuracy
+metric, the best cell is marked `*`; every other cell is compared with it (harness.stats: paired over
+seeds when they share two or more, else a paired bootstrap over the test images of their one seed):
+`≈` when the difference is not significant (p >= 0.05), nothing when the cell is significantly
+worse, `?` when no test applies (one seed and no per-image results, e.g. a non-primary head). The
+long-form statistics (mean, std, n, CI, p against the best, significant) are attached as
+`table.attrs["stats"]` and written as table_stats.csv.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.results import FAILED, FINISHED
+from harness.stats import ALPHA, compare_cells, summarize, unpack_correct
+
+MISSING = "-"
+LEGEND = ("mean ± std over the n seeds that finished (95% CI with n ≥ 3); `*` the best cell of its metric, "
+          "`≈` not significantly different from it (p ≥ 0.05: paired t-test over shared seeds, or a paired "
+          "bootstrap over the test images with one seed), no mark: significantly worse, `?`: no test applies")
+
+
+def _number(value: float) -> str:
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    if abs(value) >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.4g}"
+
+
+def is_accuracy(metric: str) -> bool:
+    return "/acc" in metric
+
+
+def _label(axis: str, value) -> str:
+    return f"{axis.split('.')[-1]}={value}"
+
+
+def _sort_key(value):
+    """Numbers in numeric order (numpy's too: parquet columns come back as numpy scalars), then text."""
+    return (0, float(value)) if isinstance(value, numbers.Number) else (1, str(value))
+
+
+def _cell_text(values: pd.Series, statuses: pd.Series, percent: bool) -> tuple[str, object]:
+    ok = values[statuses == FINISHED].dropna()
+    n_failed = int((statuses == FAILED).sum())
+    if ok.empty:
+        return ("failed" if n_failed else MISSING), None
+    s = summarize(ok.tolist())
+    scale = 100 if percent else 1
+    fmt = (lambda v: f"{scale * v:.1f}") if percent else _number
+    text = fmt(s.mean)
+    if s.n > 1:
+        text += f" ± {fmt(s.std)}" + (f" (n={s.n}, CI {fmt(s.ci95[0])}-{fmt(s.ci95[1])})" if s.ci95 else f" (n={s.n})")
+    return text + (f" ({n_failed} failed)" if n_failed else ""), s
+
+
+def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | None,
+                metric: str | list[str]) -> pd.DataFrame:
+    """rows x columns of `metric` (in % for accuracies), with statistics and significance marks (see the
+    module docstring); 'failed' where every seed failed, '-' where nothing ran.
+
+    `columns` may name several axes (e.g. WS-DAN's crop and drop): one column per combination;
+    `metric` may list several metrics (e.g. MKSMT's heads): one column per metric, after the axes."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    for m in metrics:
+        if m not in results.columns:
+            results = results.assign(**{m: float("nan")})
+    cols = [columns] if isinstance(columns, str) else list(columns or [])
+    texts, groups = {}, {}
+    for key, group in results.groupby([rows] + cols, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for m in metrics:
+            texts[key + (m,)] = _cell_text(group[m], group["status"], percent=is_accuracy(m))
+            groups[key + (m,)] = group
+    row_values = sorted(results[rows].unique(), key=_sort_key)
+    combos = sorted({tuple(v) for v in results[cols].itertuples(index=False)}, key=lambda t: [_sort_key(x) for x in t])
+    combos = combos if cols else [()]
+    labels, keys = [], []
+    for combo in combos:
+        for m in metrics:
+            parts = [_label(a, v) for a, v in zip(cols, combo)] + ([m] if len(metrics) > 1 or not cols else [])
+            labels.append(", ".join(parts))
+            keys.append(combo + (m,))
+    stats = _significance(texts, groups, metrics)
+    marks = {(r["row_key"], r["col_key"]): r["mark"] for r in stats}
+    body = [[_marked(texts.get((r,) + k, (MISSING, None))[0], marks.get(((r,), k), "")) for k in keys]
+            for r in row_values]
+    table = pd.DataFrame(body, index=pd.Index([str(r) for r in row_values], name=rows.split(".")[-1]), columns=labels)
+    label_of = dict(zip(keys, labels))
+    table.attrs["stats"] = pd.DataFrame([{
+        "row": str(r["row_key"][0]), "column": label_of.get(r["col_key"], ""), "metric": r["col_key"][-1],
+        "mean": r["summary"].mean, "std": r["summary"].std, "n": r["summary"].n,
+        "ci_low": r["summary"].ci95[0] if r["summary"].ci95 else np.nan,
+        "ci_high": r["summary"].ci95[1] if r["summary"].ci95 else np.nan,
+        "p_vs_best": r["p"], "test": r["test"], "significantly_worse_than_best": r["worse"], "mark": r["mark"]}
+        for r in stats])
+    return table
+
+
+def _marked(text: str, mark: str) -> str:
+    return f"{text} {mark}" if mark else text
+
+
+def _significance(texts: dict, groups: dict, metrics: list[str]) -> list[dict]:
+    """Each finished cell against the best cell of its metric."""
+    out = []
+    for m in metrics:
+        cells = {k: v[1] for k, v in texts.items() if k[-1] == m and v[1] is not None}
+        if not cells:
+            continue
+        accuracy = is_accuracy(m)
+        best = max(cells, key=lambda k: cells[k].mean) if accuracy else None
+        by_seed = {k: _by_seed(groups[k], m) for k in cells}
+        correct = {k: _correct(groups[k]) if m == "test/acc" else None for k in cells}
+        for k, summary in cells.items():
+            p, test, mark = None, "", ""
+            if accuracy and len(cells) > 1:
+                if k == best:
+                    mark = "*"
+                else:
+                    p, test = compare_cells(by_seed[k], by_seed[best], correct[k], correct[best])
+                    mark = "?" if p is None else ("≈" if p >= ALPHA else "")
+            out.append({"row_key": k[:1], "col_key": k[1:], "summary": summary, "p": p, "test": test, "mark": mark,
+                        "worse": (p is not None and p < ALPHA)})
+    return out
+
+
+def _by_seed(group: pd.DataFrame, metric: str) -> dict[int, float]:
+    ok = group[(group["status"] == FINISHED) & group[metric].notna()]
+    return {int(s): float(v) for s, v in zip(ok["seed"], ok[metric])}
+
+
+def _correct(group: pd.DataFrame) -> dict[int, np.ndarray]:
+    if "test/correct" not in group.columns:
+        return {}
+    ok = group[(group["status"] == FINISHED) & group["test/correct"].notna()]
+    return {int(s): unpack_correct(c) for s, c in zip(ok["seed"], ok["test/correct"])}
+
+
+def add_references(table: pd.DataFrame, reference: dict | None, study_path: str) -> pd.DataFrame:
+    """Print paper numbers beside ours: '92.1 (paper 92.8, -0.7)' in the cells the study maps."""
+    if not reference:
+        return table
+    path = Path(reference["file"])
+    if not path.is_absolute():
+        path = Path(study_path).parent / "references" / path
+    if not path.exists():
+        raise FileNotFoundError(f"reference file {path} not found (table.reference.file in {study_path})")
+    paper = pd.read_csv(path)
+    attrs = dict(table.attrs)
+    table = table.copy()
+    table.attrs.update(attrs)
+    for cell in reference.get("cells", []):
+        match = paper[paper["setting"] == cell["setting"]]
+        if match.empty:
+            raise ValueError(f"{path}: no row with setting {cell['setting']!r}")
+        if cell["row"] not in table.index or cell["column"] not in table.columns:
+            continue
+        value = float(match["value"].iloc[0])
+        ours = table.loc[cell["row"], cell["column"]]
+        try:
+            delta = f", {float(ours.split()[0]) - value:+.1f}"
+        except ValueError:
+            delta = ""
+        table.loc[cell["row"], cell["column"]] = f"{ours} (paper {value:.1f}{delta})"
+    return table
+
+
+def head_table(results: pd.DataFrame, axes: list[str], head_order: list[str] | None = None) -> pd.DataFrame:
+    """Every head's accuracy per grid point (mean over finished seeds), in %; columns in `head_order` (primary
+    heads first) when given, else as they come."""
+    heads = [c for c in results.columns if c.startswith("test/acc/")]
+    if head_order:
+        heads = sorted(heads, key=lambda c: (head_order.index(c[9:]) if c[9:] in head_order else len(head_order), c))
+    finished = results[results["status"] == FINISHED]
+    if finished.empty or not heads:
+        return pd.DataFrame()
+    table = finished.groupby(axes, dropna=False)[heads].mean() * 100 if axes else finished[heads].mean().to_frame().T * 100
+    return table.rename(columns=lambda c: c.removeprefix("test/acc/")).round(1)
