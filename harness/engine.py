@@ -304,7 +304,8 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     final.update(best_epochs(history))
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
-    if reference:
+    if reference:  # timed before and after training: a load that changed meanwhile weighs on both alike
+        reference = (reference + reference_throughput(device, train.amp)) / 2
         final.update({"reference/images_per_s": reference,
                       "train/images_per_s_rel": images_seen / max(train_time, 1e-9) / reference})
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,

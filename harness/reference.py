@@ -2,7 +2,7 @@
 
 `train.reference_workload: true` makes the engine time this fixed convolutional network (pure torch, so
 no change to the harness or to timm moves it) training on random 64 px images, in the trial's own
-process, threads, device and precision, just before the trial trains. The trial's
+process, threads, device and precision, just before the trial trains and again after (the mean). The trial's
 `train/images_per_s_rel` = its training throughput / this workload's: what a slower or busier machine
 slows down, it slows down for both, and the ratio stays (tests/benchmarks measure how much it moves).
 """

@@ -36,7 +36,7 @@ def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFram
     """table.md holds every table; each also as CSV and LaTeX (table.csv, or table_<name>.csv when named)."""
     md = f"# {title}\n\nTop-1 % for accuracies: {LEGEND}.\n"
     for name, (table, metric) in tables.items():
-        md += f"\n## {name or metric}\n\n{table.to_markdown()}\n"
+        md += f"\n## {name or (metric if isinstance(metric, str) else ', '.join(metric))}\n\n{table.to_markdown()}\n"
         stem = f"table_{name}" if name else "table"
         atomic_write_bytes(out / f"{stem}.csv", table.to_csv().encode())
         if "stats" in table.attrs:

@@ -2,7 +2,7 @@
 
 A cell is the mean over the seeds that finished, in % for accuracies: "65.0 ± 7.1 (n=2)", and with 3
 or more seeds its 95% confidence interval "(n=3, CI 58.1-71.9)". Within a table, for each accuracy
-metric, the best cell is marked `*`; every other cell is compared with it (harness.stats: paired over
+metric and column, the best cell is marked `*`; every other cell of the column is compared with it (harness.stats: paired over
 seeds when they share two or more, else a paired bootstrap over the test images of their one seed):
 `≈` when the difference is not significant (p >= 0.05), nothing when the cell is significantly
 worse, `?` when no test applies (one seed and no per-image results, e.g. a non-primary head). The
@@ -22,7 +22,7 @@ from harness.results import FAILED, FINISHED
 from harness.stats import ALPHA, compare_cells, summarize, unpack_correct
 
 MISSING = "-"
-LEGEND = ("mean ± std over the n seeds that finished (95% CI with n ≥ 3); `*` the best cell of its metric, "
+LEGEND = ("mean ± std over the n seeds that finished (95% CI with n ≥ 3); `*` the best cell of its column, "
           "`≈` not significantly different from it (p ≥ 0.05: paired t-test over shared seeds, or a paired "
           "bootstrap over the test images with one seed), no mark: significantly worse, `?`: no test applies")
 
@@ -110,10 +110,12 @@ def _marked(text: str, mark: str) -> str:
 
 
 def _significance(texts: dict, groups: dict, metrics: list[str]) -> list[dict]:
-    """Each finished cell against the best cell of its metric."""
+    """Each finished cell against the best cell of its column (the rows compared under one setting of the
+    column axes and one metric: the best method per dataset, the best S with and without jigsaw)."""
     out = []
-    for m in metrics:
-        cells = {k: v[1] for k, v in texts.items() if k[-1] == m and v[1] is not None}
+    for column in dict.fromkeys(k[1:] for k in texts):
+        m = column[-1]
+        cells = {k: v[1] for k, v in texts.items() if k[1:] == column and v[1] is not None}
         if not cells:
             continue
         accuracy = is_accuracy(m)
