@@ -127,6 +127,21 @@ class StagedBackbone(nn.Module):
             self._return_layers.pop(name, None)
         self.channels, self.reductions = self.channels[:last + 1], self.reductions[:last + 1]
 
+    def stage_module(self, stage: int):
+        """(module whose output is stage `stage`'s map, a reshape to (B, C, H, W) for channels-last outputs):
+        the target layer Grad-CAM hooks (harness.explain)."""
+        stage %= self.num_stages
+        to_nchw = (lambda t: t.permute(0, 3, 1, 2))  # noqa: E731
+        if self._return_layers is not None:
+            name = [n for n in self.body.keys() if n in self._return_layers][stage]
+            return self.body[name], (to_nchw if self.channels_last_output else None)
+        model = getattr(self.body, "model", None)  # timm's FeatureGetterNet: the model's own stages
+        if model is not None and hasattr(model, "layers"):
+            last = stage == self.num_stages - 1 and not isinstance(getattr(model, "norm", None), (nn.Identity, type(None)))
+            nhwc = getattr(getattr(model, "output_fmt", None), "value", "NCHW") == "NHWC"
+            return (model.norm if last else model.layers[stage]), (to_nchw if nhwc else None)
+        raise ValueError(f"no module of {type(self.body).__name__} gives stage {stage}: Grad-CAM cannot hook it")
+
     @property
     def num_stages(self) -> int:
         return len(self.channels)

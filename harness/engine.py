@@ -39,6 +39,7 @@ from harness.backbones import build_backbone
 from harness.complexity import inference_complexity
 from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet, target_boxes
 from harness.distributed import Collective, sync_batchnorm
+from harness.explain import localisation_scores, method_maps, pack_maps
 from harness.plugin import METHODS, Method, OptimizerSteps
 from harness.reference import reference_throughput
 from harness.stats import pack_correct
@@ -302,6 +303,13 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip", collective=collective))
         final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip", collective=collective))
     final.update(best_epochs(history))
+    test_boxes = target_boxes(imageset, "test")
+    if test_boxes is not None:  # where the primary head looks, against the true discriminative region
+        located = BatchPipeline(imageset.test, train.image_size, max(1, eval_batch // world), train=False,
+                                boxes=test_boxes, **shard)
+        final.update(localisation_scores(method, located, collective))
+    if cfg.report.maps and collective.is_primary:
+        final["maps"] = fixed_image_maps(method, imageset, train.image_size, cfg.report.maps, device, mean, std)
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
     if reference:  # timed before and after training: a load that changed meanwhile weighs on both alike
@@ -314,6 +322,17 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                   "world_size": world, "num_classes": imageset.num_classes, "heads": ",".join(method.heads),
                   "resumed_from_epoch": start_epoch, "history": history})
     return final
+
+
+def fixed_image_maps(method: Method, imageset: ImageSet, size: int, count: int, device: torch.device,
+                     mean: tuple, std: tuple) -> str:
+    """The maps of harness.explain on the first `count` test images (centre crops: the same for every trial
+    of a study), packed for the trial's final result."""
+    pipe = BatchPipeline(imageset.test, size, count, train=False, device=device, mean=mean, std=std)
+    images, labels = next(pipe.batches(max_batches=1))[:2]
+    o = (imageset.test.images.shape[-1] - size) // 2  # the centre crop the test pipeline takes
+    shown = np.asarray(imageset.test.images[:len(labels), :, o:o + size, o:o + size])
+    return pack_maps(shown, labels.cpu().numpy(), method_maps(method, images, labels))
 
 
 def best_epochs(history: list[dict]) -> dict[str, float]:

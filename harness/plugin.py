@@ -114,6 +114,11 @@ class Method(nn.Module):
       once on one image for the inference parameters and FLOPs): a dict head name -> logits (B, classes)
       for every name of `head_names`.
     - `extra_metrics()` (optional): numbers for the trial's results row (AAM: the attention's parameters).
+    - Where the method looks (harness.explain; the report's maps and the localisation score), optional:
+      `explain_targets()`: Grad-CAM targets, (map name, backbone stage, head); the first is scored for
+      localisation (default: the primary head on the last stage); `class_activation_map(images, labels)`:
+      (B, h, w) CAM of a head on global average pooling, or None; `explanations(images)`: the method's own
+      maps (B, h, w) and boxes (B, 4) xyxy in input pixels, by name (WS-DAN's attention maps and crop).
     - `zero_grad_set_to_none` (attribute, optional): False reproduces PyTorch 1.x zero_grad for methods
       whose authors relied on it (see OptimizerSteps).
     - The state dict (parameters and buffers) is the checkpoint: everything that must survive a resume
@@ -172,6 +177,18 @@ class Method(nn.Module):
 
     def extra_metrics(self) -> dict[str, float]:
         """Method-specific numbers for the results row (e.g. the parameters an attention module adds)."""
+        return {}
+
+    def explain_targets(self) -> list[tuple[str, int, str]]:
+        """Grad-CAM targets (map name, backbone stage, head), the first scored for localisation."""
+        return [("gradcam", -1, self.primary_head)]
+
+    def class_activation_map(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """(B, h, w) CAM (Zhou et al.) of a head on global average pooling, for the true classes; None without one."""
+        return None
+
+    def explanations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The method's own maps (B, h, w) and boxes (B, 4) xyxy in input pixels, by name."""
         return {}
 
 

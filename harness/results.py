@@ -113,6 +113,12 @@ class ResultStore:
             self._curves[spec.trial_id] = curves
         return row
 
+    def write_maps(self, spec: TrialSpec, packed: str) -> None:
+        """trials/<id>/maps.npz: the trial's maps on the study's fixed test images (harness.explain)."""
+        import base64
+
+        atomic_write_bytes(self.trial_dir(spec.trial_id) / "maps.npz", base64.b64decode(packed))
+
     def write_tables(self, trials: list[TrialSpec], curves: bool = True) -> pd.DataFrame:
         """results.parquet (and curves.parquet, unless `curves=False`) of the study's current trials."""
         results = pd.DataFrame([r for spec in trials if (r := self.record(spec.trial_id)) is not None])

@@ -104,6 +104,12 @@ class Resources(Strict):
         return self
 
 
+class ReportConfig(Strict):
+    maps: int = Field(4, ge=0, le=32, description="test images whose maps every trial stores for the report "
+                                                  "(Grad-CAM, CAM, guided Grad-CAM, deconvnet, the method's "
+                                                  "own); 0 stores none")
+
+
 class ReferenceCell(Strict):
     row: str = Field(..., description="the table row (the axis value as printed)")
     column: str = Field(..., description="the column label as printed, e.g. test/acc/S3 or jigsaw=True")
@@ -142,6 +148,7 @@ class Study(Strict):
         "several grids runs once"))
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     resources: Resources = Field(default_factory=Resources)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     table: TableSpec | None = None
     tables: dict[str, TableSpec] = Field(default_factory=dict, description="several named tables")
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)

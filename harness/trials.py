@@ -22,8 +22,8 @@ from harness.backbones import BackboneConfig
 from harness.data import DATASETS, DatasetParams
 from harness.plugin import METHODS, MethodParams
 from harness.registry import did_you_mean
-from harness.study import (SECTIONS_IN_GRID, Study, StudyError, TrainConfig, Where, _format_errors, get_dotted,
-                           set_dotted)
+from harness.study import (SECTIONS_IN_GRID, ReportConfig, Study, StudyError, TrainConfig, Where, _format_errors,
+                           get_dotted, set_dotted)
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,12 @@ class TrialConfig:
     backbone: BackboneConfig
     train: TrainConfig
     seed: int
+    report: ReportConfig = field(default_factory=ReportConfig)  # what the trial stores for the report
 
     @classmethod
     def parse(cls, config: dict) -> "TrialConfig":
         sections = {s: model.model_validate(config[s]) for s, model in _section_models(config).items()}
-        return cls(**sections, seed=int(config["seed"]))
+        return cls(**sections, seed=int(config["seed"]), report=ReportConfig.model_validate(config.get("report", {})))
 
     @property
     def stored_size(self) -> int:
@@ -253,8 +254,8 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
                                  f"workers; choose a multiple of {workers} (e.g. {batch + workers - batch % workers})"
                                  + context)
             for seed in study.seeds:
-                full = {**resolved, "seed": seed}
-                trial_id = trial_identity(full)
+                full = {**resolved, "seed": seed, "report": study.report.model_dump()}
+                trial_id = trial_identity(full)  # made of the four sections and the seed: not of `report`
                 if trial_id in by_id:  # the same trial in another named grid: run it once
                     if name and name not in by_id[trial_id].grids:
                         by_id[trial_id].grids.append(name)

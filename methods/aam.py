@@ -35,7 +35,7 @@ from torch import nn
 
 from harness.backbones import StagedBackbone
 from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
-from methods.attention_modules import build_attention
+from methods.attention_modules import AAM, CBAM, ResidualAttention, build_attention
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -158,3 +158,31 @@ class AAMNet(Method):
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"linear": self(images)[0]}
+
+    def class_activation_map(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CAM: the linear layer's weights of the true class over the last stage's maps."""
+        features = self(images)[1]
+        return torch.einsum("bc,bchw->bhw", self.fc.weight[labels].to(features.dtype), features)
+
+    def explanations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each inserted module's spatial attention (AAM's Ms, CBAM's spatial gate, Residual Attention's
+        mask averaged over channels), per stage, from one forward pass."""
+        maps: dict[str, torch.Tensor] = {}
+
+        def spatial(stage: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+            if isinstance(module, AAM):
+                return torch.sigmoid(module.spatial_logits(x))[:, 0]
+            if isinstance(module, CBAM):
+                return module.spatial_gate(x * module.channel_gate(x))[:, 0]
+            if isinstance(module, ResidualAttention):
+                return module.mask(module.pre(x)).mean(1)
+            return None
+
+        hooks = [m.register_forward_hook(lambda mod, args, out, s=s: maps.__setitem__(
+                 f"spatial attention stage {s}", spatial(s, mod, args[0]))) for s, m in self.attention.items()]
+        try:
+            self(images)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {k: v for k, v in maps.items() if v is not None}

@@ -35,3 +35,8 @@ class Baseline(Method):
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"linear": self(images)}
+
+    def class_activation_map(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CAM: the linear layer's weights of the true class over the last stage's maps."""
+        features = self.backbone(images)[-1]
+        return torch.einsum("bc,bchw->bhw", self.fc.weight[labels].to(features.dtype), features)

@@ -130,3 +130,8 @@ class GAIN(Method):
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"linear": self(images)[0]}
+
+    def class_activation_map(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """CAM: the linear layer's weights of the true class over the last stage's maps."""
+        features = self(images)[1]
+        return torch.einsum("bc,bchw->bhw", self.fc.weight[labels].to(features.dtype), features)

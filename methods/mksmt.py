@@ -145,6 +145,9 @@ class MKSMT(Method):
                              or (k.startswith("loss/S") and k != "loss/S4" and p.steps >= 2))
         return losses
 
+    def explain_targets(self) -> list[tuple[str, int, str]]:
+        return [(f"gradcam {name}", self.stage_of[name], name) for name in self.heads]
+
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self(images)
         return {name: out[name][1] for name in self.heads}

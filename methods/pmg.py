@@ -166,6 +166,11 @@ class PMG(Method):
         losses["loss"] = sum(losses.values())
         return losses
 
+    def explain_targets(self) -> list[tuple[str, int, str]]:
+        """Grad-CAM of the combined prediction on the last stage, then of every stage's own head on its stage."""
+        return [("gradcam combined", -1, "combined"), *((f"gradcam stage{i + 1}", i, f"stage{i + 1}")
+                                                       for i in self.used)]
+
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self(images)  # [y_1, ..., y_S, y_concat]
         out = {"combined": torch.stack(logits).sum(0), "concat": logits[-1]}

@@ -215,6 +215,18 @@ class RACNN(Method):
         self.batches_seen += 1
         return losses
 
+    def explanations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The regions the APNs attend to, as boxes in the input image (scale 3's inside scale 2's)."""
+        size = images.shape[-1]
+        boxes, corner, side = {}, torch.zeros(len(images), 2), torch.ones(len(images))
+        for s, box in enumerate(self(images)["boxes"]):
+            box = box.float().cpu()
+            low = corner + (box[:, :2] - box[:, 2:3]) * side[:, None]  # into the input's fractions
+            side = 2 * box[:, 2] * side
+            corner = low
+            boxes[f"region scale{s + 2}"] = torch.cat([low, low + side[:, None]], 1) * size
+        return boxes
+
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self(images)
         heads = {"fused": out["fused"], **({"fused12": out["fused12"]} if "fused12" in out else {})}

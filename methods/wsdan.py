@@ -222,6 +222,22 @@ class WSDAN(Method):
         out["loss"] = steps.step(loss)
         return out
 
+    def explain_targets(self) -> list[tuple[str, int, str]]:
+        return [("gradcam", self.stage, self.primary_head)]
+
+    def explanations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The mean attention map and the two strongest maps, and the test-time crop box."""
+        _, _, maps = self(images)
+        strongest = maps.float().sum((2, 3)).argsort(1, descending=True)[:, :2]
+        top = maps.gather(1, strongest[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
+        out = {"attention (mean)": maps.mean(1), "attention (strongest)": top[:, 0]}
+        if maps.shape[1] > 1:
+            out["attention (second)"] = top[:, 1]
+        if self.params.refine:
+            out["crop box"] = attention_crop_boxes(maps.mean(1, keepdim=True), tuple(images.shape[-2:]),
+                                                   self.params.test_theta, self.params.test_padding).float()
+        return out
+
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         p = self.params
         logits, _, maps = self(images)

@@ -66,6 +66,9 @@ class StoreCallback(tune.Callback):
             return  # already stored as failed; this is the retried attempt saying so again
         keep = {k: v for k, v in result.items() if k not in TUNE_KEYS}
         curves = json.loads(keep.pop("history", "[]"))
+        maps = keep.pop("maps", None)
+        if maps:  # the report's maps of this trial: a file beside its record, not a column
+            self.store.write_maps(self.specs[trial_id], maps)
         self._store(trial_id, result["status"], keep, result.get("error", ""), curves)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

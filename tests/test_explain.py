@@ -1,0 +1,68 @@
+"""Where each method looks: maps for every registered method, and the localisation score on constructed maps
+whose answers are known."""
+
+import numpy as np
+import pytest
+import torch
+
+from harness.backbones import BackboneConfig, build_backbone
+from harness.explain import localisation, method_maps
+from harness.plugin import METHODS
+
+
+def test_all_energy_in_the_box_scores_one_and_a_uniform_map_scores_the_box_area():
+    maps = np.zeros((3, 10, 10))
+    maps[0, 2:5, 3:7] = 1.0  # all the mass inside the box
+    maps[1] = 1.0  # uniform
+    maps[2, 8, 8] = 5.0  # the maximum outside the box, a little mass inside
+    maps[2, 3, 3] = 1.0
+    boxes = np.array([[[3, 2, 7, 5]]] * 3, dtype=float)  # x 3..7, y 2..5: 12 of 100 pixels
+    scores = localisation(maps, boxes)
+    assert scores["energy"][0] == 1.0 and scores["pointing"][0] == 1.0
+    assert scores["energy"][1] == pytest.approx(0.12) and scores["chance"][1] == pytest.approx(0.12)
+    assert scores["pointing"][2] == 0.0 and scores["energy"][2] == pytest.approx(1 / 6)
+
+
+def test_several_boxes_absent_boxes_and_empty_maps():
+    maps = np.zeros((3, 4, 4))
+    maps[0, 0, 0], maps[0, 3, 3] = 1.0, 1.0
+    boxes = np.array([[[0, 0, 1, 1], [3, 3, 4, 4]],          # two parts: both peaks inside
+                      [[-1, -1, -1, -1], [-1, -1, -1, -1]],  # no box: left out (NaN)
+                      [[0, 0, 2, 2], [-1, -1, -1, -1]]], dtype=float)
+    scores = localisation(maps, boxes)  # image 2: an empty map counts as uniform
+    assert scores["energy"][0] == 1.0 and np.isnan(scores["energy"][1]) and np.isnan(scores["pointing"][1])
+    assert scores["energy"][2] == pytest.approx(4 / 16) == scores["chance"][2] == scores["pointing"][2]
+
+
+def test_gradcam_of_a_known_linear_head_on_the_last_stage():
+    """A GAP-linear head: d score / d A_k = W[c, k] / (h w), so Grad-CAM = ReLU(sum_k W[c, k] A_k) / (h w): the
+    CAM, up to scale (and both normalised alike)."""
+    from harness.explain import gradcam
+
+    method = METHODS.get("baseline")(build_backbone(BackboneConfig(name="resnet18")), 3,
+                                     METHODS.get("baseline").Params()).eval()
+    x, y = torch.rand(2, 3, 64, 64), torch.tensor([0, 2])
+    raw = gradcam(method, x, y, -1, "linear", normalise=False)
+    with torch.no_grad():
+        cam = torch.relu(method.class_activation_map(x, y))[:, None] / 4  # layer4 is 2 x 2 at 64 px
+        cam = torch.nn.functional.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    np.testing.assert_allclose(raw, cam.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_has_maps(name):
+    cls = METHODS.get(name)
+    torch.manual_seed(0)
+    method = cls(build_backbone(BackboneConfig(name="resnet18")), 3, cls.Params()).train()
+    maps = method_maps(method, torch.rand(2, 3, 32, 32), torch.tensor([0, 2]))
+    assert method.training  # restored
+    assert {"guided gradcam", "deconvnet"} <= set(maps) and any(k.startswith("gradcam") for k in maps)
+    for key, value in maps.items():
+        if value.ndim == 3:
+            assert value.shape == (2, 32, 32) and 0 <= value.min() and value.max() <= 1 + 1e-6, key
+        else:
+            assert value.shape == (2, 4), key  # a box
+    expected = {"baseline": {"cam"}, "aam": {"cam", "spatial attention stage 4"}, "gain": {"cam"},
+                "wsdan": {"attention (mean)", "crop box"}, "racnn": {"region scale2", "region scale3"},
+                "pmg": {"gradcam combined", "gradcam stage3"}, "mksmt": {"gradcam S4", "gradcam S3"}}
+    assert expected.get(name, set()) <= set(maps)
