@@ -10,6 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], directory: bool = False) -> None:
     """`write(tmp)` fills a temporary sibling of `path` (a file, or with `directory` a folder), which then
     replaces `path` in one rename. A folder that another process completed first is kept (it is identical:
@@ -24,6 +28,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], direc
         tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_UMASK)  # as open() would have made it, not mkstemp's 0600
         if directory:
             try:
                 os.rename(tmp, path)

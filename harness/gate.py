@@ -21,7 +21,6 @@ came from, and its relative throughput. A cell regresses when
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time

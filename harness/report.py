@@ -1,10 +1,13 @@
-"""Tables in the paper's layout and seaborn plots, rebuilt from a run's stored results.
+"""The report of a run: tables in the paper's layout, seaborn plots and one HTML page, from its stored results.
 
     python -m harness.report runs/<study>/<profile> [--out reports/<study>/<profile>]
+    python -m harness.report --compare RUN_DIR RUN_DIR ... [--out DIR]
 
-Reads results.parquet, curves.parquet and study.yaml of the run; writes table.md, table.csv,
-table.tex (rows and columns from the study's `table:`, mean +- std over seeds in %, failed cells
-marked), and PNG plots: the metric against each grid axis, and learning curves.
+Reads results.parquet, curves.parquet, study.yaml, run.json and each trial's maps.npz; writes table.md,
+table.csv, table.tex, table_stats.csv (harness.tables: rows x columns from the study's `table:`, with
+statistics and significance marks), protocol.md, PNG plots (each metric against each grid axis, the
+localisation scores too, learning curves) and index.html (harness.html_report). `--compare` puts the
+tables of several runs side by side (compare.md and compare.html).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import pandas as pd
 import yaml
 
 from harness.results import FAILED, FINISHED, atomic_write_bytes
-from harness.tables import LEGEND, add_references, head_table, paper_table  # noqa: F401 - the table API
+from harness.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
+
+LOCALISATION = ["test/loc/energy", "test/loc/pointing", "test/loc/chance"]
+
 
 def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str | None]:
     """One string column standing for several axes (for a plot's hue or style)."""
@@ -62,7 +68,7 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
     cols = [columns] if isinstance(columns, str) else list(columns or [])
     written = []
     finished = results[results["status"] == FINISHED].copy()
-    if metric in finished.columns:
+    if metric in finished.columns and is_percent(metric):
         finished[metric] = finished[metric] * 100
     for axis in axes:
         if finished.empty or metric not in finished.columns:
@@ -72,7 +78,7 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
         fig, ax = plt.subplots(figsize=(6, 4))
         dodge = 0.2 if hue and data[hue].nunique() > 1 else False
         sns.pointplot(data=data, x=axis, y=metric, hue=hue, errorbar="sd", dodge=dodge, ax=ax)
-        ax.set(ylabel=f"{metric} (%)", title=f"{metric} against {axis}")
+        ax.set(ylabel=f"{metric}" + (" (%)" if is_percent(metric) else ""), title=f"{metric} against {axis}")
         written.append(_save(fig, out / f"{metric.replace('/', '_')}_vs_{axis.replace('.', '_')}.png"))
     if not curves.empty:
         panels = [m for m in ("test/acc", "train/loss") if m in set(curves["metric"])]
@@ -99,36 +105,52 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    run_dir = Path(run_dir)
-    study_file = run_dir / "study.yaml"
-    results_file = run_dir / "results.parquet"
+def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    study_file, results_file = run_dir / "study.yaml", run_dir / "results.parquet"
     if not results_file.exists() or not study_file.exists():
         raise FileNotFoundError(f"{run_dir}: no results.parquet/study.yaml here; run the study first "
                                 "(python -m harness.run studies/<study>.yaml)")
-    study = yaml.safe_load(study_file.read_text())
-    out = Path(out_dir) if out_dir else Path("reports") / study["name"] / study["profile"]
-    results = pd.read_parquet(results_file)
     curves_file = run_dir / "curves.parquet"
     curves = pd.read_parquet(curves_file) if curves_file.exists() else pd.DataFrame()
+    return yaml.safe_load(study_file.read_text()), pd.read_parquet(results_file), curves
+
+
+def study_axes(study: dict) -> list[str]:
     grids = study.get("grids") or {}
-    axes = list(dict.fromkeys([*(study.get("grid") or {})] + [a for g in grids.values() for a in g]))
+    return list(dict.fromkeys([*(study.get("grid") or {})] + [a for g in grids.values() for a in g]))
+
+
+def table_specs(study: dict) -> dict[str, dict]:
+    """The study's tables (named `tables:` or one `table:`), else rows = the first axis, columns = the rest."""
     specs = study.get("tables") or ({"": study["table"]} if study.get("table") else {})
     if not specs:
+        axes = study_axes(study)
         first = axes[0] if axes else "seed"
         specs = {"": {"rows": first, "columns": [a for a in axes if a != first] or None}}
+    return specs
+
+
+def spec_subset(results: pd.DataFrame, spec: dict) -> pd.DataFrame:
+    """The trials a table shows: those of its named grid, or all."""
+    if not spec.get("grid"):
+        return results
+    return results[results["grids"].map(lambda g: spec["grid"] in json.loads(g or "[]"))]
+
+
+def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    run_dir = Path(run_dir)
+    study, results, curves = load_run(run_dir)
+    out = Path(out_dir) if out_dir else Path("reports") / study["name"] / study["profile"]
+    axes = study_axes(study)
     out.mkdir(parents=True, exist_ok=True)
     if results.empty:
         atomic_write_bytes(out / "table.md", f"# {study['name']}\n\nno results yet\n".encode())
         return out
-    tables = {}
-    for name, spec in specs.items():
-        subset, subset_curves = results, curves
-        if spec.get("grid"):
-            member = results["grids"].map(lambda g: spec["grid"] in json.loads(g or "[]"))
-            subset = results[member]
-            if not curves.empty:
-                subset_curves = curves[curves["trial_id"].isin(subset["trial_id"])]
+    tables, localisation = {}, {}
+    located = "test/loc/energy" in results and results["test/loc/energy"].notna().any()
+    for name, spec in table_specs(study).items():
+        subset = spec_subset(results, spec)
+        subset_curves = curves[curves["trial_id"].isin(subset["trial_id"])] if not curves.empty else curves
         metric = spec.get("metric", "test/acc")
         table = paper_table(subset, spec["rows"], spec.get("columns"), metric)
         tables[name] = (add_references(table, spec.get("reference"), study.get("path", "")), metric)
@@ -138,28 +160,81 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         columns = spec.get("columns")
         plot_axes = [spec["rows"]] + ([columns] if isinstance(columns, str) else list(columns or []))
         write_plots(subset, subset_curves, plot_axes, spec["rows"], columns, first_metric, plot_dir)
+        if located:  # where the primary head looks, tabled and plotted against the same axes
+            localisation[name] = paper_table(subset, spec["rows"], columns, LOCALISATION)
+            write_plots(subset, pd.DataFrame(), plot_axes, spec["rows"], columns, "test/loc/energy", plot_dir)
     from harness.protocol import protocol_markdown
 
     order = results["heads"].dropna().iloc[0].split(",") if "heads" in results and results["heads"].notna().any() else None
-    write_tables(tables, head_table(results, axes, order), out, f"{study['name']} ({study['profile']} profile)",
-                 protocol_markdown(study))
+    heads = head_table(results, axes, order)
+    write_tables({**tables, **{f"{name}_localisation" if name else "localisation": (t, LOCALISATION)
+                               for name, t in localisation.items()}},
+                 heads, out, f"{study['name']} ({study['profile']} profile)", protocol_markdown(study))
+    from harness.html_report import write_html
+
+    write_html(out, run_dir, study, results, tables, localisation, heads, axes)
     summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
                "failed": int((results["status"] == FAILED).sum())}
     atomic_write_bytes(out / "summary.json", json.dumps(summary).encode())
     return out
 
 
+def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """compare.md and compare.html: each table of the first run, with the same table of every run side by side
+    (columns '<run> | <column>'); a run is named by its profile, or its folder when profiles repeat, with its
+    harness version and commit."""
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        study, results, _ = load_run(run_dir)
+        commit = results["git_commit"].dropna().iloc[0] if "git_commit" in results and len(results) else "?"
+        runs.append((run_dir, study, results, commit))
+    profiles = [study["profile"] for _, study, _, _ in runs]
+    labels = [(p if profiles.count(p) == 1 else str(d)) + f" ({c})" for (d, _, _, c), p in zip(runs, profiles)]
+    md = "# " + " vs ".join(labels) + f"\n\nTop-1 % for accuracies: {LEGEND} (within each run).\n"
+    html = []
+    for name, spec in table_specs(runs[0][1]).items():
+        parts = []
+        for label, (_, study, results, _) in zip(labels, runs):
+            own = table_specs(study).get(name, spec)
+            table = paper_table(spec_subset(results, own), own["rows"], own.get("columns"),
+                                own.get("metric", "test/acc"))
+            table = table.rename(columns=lambda c, label=label: f"{label} | {c}")
+            table.attrs = {}  # per-run statistics frames: pandas would compare them when concatenating
+            parts.append(table)
+        side = pd.concat(parts, axis=1).fillna("-")
+        title = name or spec.get("metric", "test/acc")
+        md += f"\n## {title}\n\n{side.to_markdown()}\n"
+        html.append(f"<h2>{title}</h2>" + side.to_html(escape=True, border=1))
+    out = Path(out)
+    atomic_write_bytes(out / "compare.md", md.encode())
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>compare</title><style>table{border-collapse:"
+            "collapse;font-family:sans-serif;font-size:0.9rem}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
+            f"</head><body><h1>{' vs '.join(labels)}</h1>{''.join(html)}</body></html>")
+    atomic_write_bytes(out / "compare.html", page.encode())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="runs/<study>/<profile>")
-    parser.add_argument("--out", help="output folder (default reports/<study>/<profile>)")
+    parser.add_argument("run_dir", nargs="?", help="runs/<study>/<profile>")
+    parser.add_argument("--out", help="output folder (default reports/<study>/<profile>; with --compare: .)")
+    parser.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                        help="put the tables of several runs side by side (a profile against another, a harness "
+                             "version against another)")
     args = parser.parse_args(argv)
     try:
+        if args.compare:
+            out = compare_runs(([args.run_dir] if args.run_dir else []) + args.compare, args.out or ".")
+            print((out / "compare.md").read_text())
+            print(f"written: {out / 'compare.md'} and {out / 'compare.html'}")
+            return 0
+        if not args.run_dir:
+            parser.error("give a RUN_DIR, or --compare RUN_DIR RUN_DIR ...")
         out = build_reports(args.run_dir, args.out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"reports written to {out}/")
+    print(f"reports written to {out}/ (open {out / 'index.html'})")
     print((out / "table.md").read_text())
     return 0
 

@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished trial's last checkpoint (default: deleted once its result is stored)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--log", dest="loggers", action="append", default=[], choices=["tensorboard", "mlflow", "wandb"],
+                   help="also send each trial's epochs and config to a tracker (several allowed): TensorBoard files "
+                        "in the trials' folders, an MLflow store in <run>/mlruns, W&B offline in <run>/wandb")
     p.add_argument("--storage", default=None, metavar="PATH|URI",
                    help="where Ray persists checkpoints: a local path, an NFS mount, s3://... or gs://... "
                         "(default: <runs-dir>/<study>/<profile>/ray; a cluster needs one every node can reach)")
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 summary = orchestrate.run_study(resolved, run_dir, address=args.address,
                                                 max_retries=args.max_retries, num_cpus=args.num_cpus,
-                                                keep_checkpoints=args.keep_checkpoints, storage=args.storage)
+                                                keep_checkpoints=args.keep_checkpoints, storage=args.storage,
+                                                loggers=args.loggers)
             except KeyboardInterrupt:
                 print("\ninterrupted: finished trials are kept; run the same command again to resume",
                       file=sys.stderr)

@@ -39,6 +39,11 @@ def is_accuracy(metric: str) -> bool:
     return "/acc" in metric
 
 
+def is_percent(metric: str) -> bool:
+    """Shown in %: accuracies and the localisation scores (shares of energy, pointing hit rates)."""
+    return is_accuracy(metric) or metric.startswith("test/loc/")
+
+
 def _label(axis: str, value) -> str:
     return f"{axis.split('.')[-1]}={value}"
 
@@ -78,7 +83,7 @@ def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | Non
     for key, group in results.groupby([rows] + cols, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         for m in metrics:
-            texts[key + (m,)] = _cell_text(group[m], group["status"], percent=is_accuracy(m))
+            texts[key + (m,)] = _cell_text(group[m], group["status"], percent=is_percent(m))
             groups[key + (m,)] = group
     row_values = sorted(results[rows].unique(), key=_sort_key)
     combos = sorted({tuple(v) for v in results[cols].itertuples(index=False)}, key=lambda t: [_sort_key(x) for x in t])

@@ -1,6 +1,11 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # As harness.orchestrate does before it imports Ray: test modules that import Ray themselves (and the
 # clusters they start) must use the same authentication mode as the harness processes they talk to.
@@ -35,3 +40,28 @@ def tiny_study(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_STUDY)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One small run through the command line, shared by the report, tracker and progress tests: the tiny
+    study's fast profile (two trials, one epoch) with every tracker installed here. Returns its folder
+    (runs/, reports/) and the command's output."""
+    from harness.trackers import TRACKERS, check_installed
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    study = tmp / "tiny.yaml"
+    study.write_text(TINY_STUDY)
+    logs = []
+    for name in TRACKERS:
+        try:
+            check_installed([name])
+            logs += ["--log", name]
+        except ValueError:
+            pass
+    out = subprocess.run([sys.executable, "-m", "harness.run", str(study), "--runs-dir", str(tmp / "runs"),
+                          "--reports-dir", str(tmp / "reports"), "--profile", "fast", "--set",
+                          "grid.method.stages=[1, 2]", "--set", "grid.method.jigsaw=[true]", *logs],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp, out

@@ -38,7 +38,6 @@ def test_mining_loss_falls_when_the_map_covers_the_object():
     little probability; erasing the background (map off it) leaves it all. L_am is that probability."""
     images = torch.zeros(4, 3, 8, 8)
     images[:, :, 2:5, 2:5] = 1.0  # the object
-    labels = torch.zeros(4, dtype=torch.long)
 
     def classifier(x):  # class 0 = "object present", class 1 = its absence
         evidence = x[:, :, 2:5, 2:5].mean((1, 2, 3)) * 10

@@ -71,3 +71,39 @@ def test_metric_columns_and_references(tmp_path):
     with_ref = add_references(table, spec, str(tmp_path / "study.yaml"))
     assert with_ref.loc["none", "test/acc/S4"] == "70.0 * (paper 92.1, -22.1)"
     assert with_ref.loc["decision", "test/acc/S4"] == "60.0 ?"
+
+
+def test_compare_puts_two_runs_side_by_side(tiny_run, tmp_path):
+    """`python -m harness.report --compare A B`: each table of A with the same table of B beside it, every
+    column named by its run (profile and harness commit)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    a = tiny_run[0] / "runs" / "tiny" / "fast"
+    b = tmp_path / "other"
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("ray", "tensorboard", "mlruns", "wandb"))
+    study = yaml.safe_load((b / "study.yaml").read_text())
+    (b / "study.yaml").write_text(yaml.safe_dump({**study, "profile": "other"}))
+    changed = pd.read_parquet(b / "results.parquet")
+    changed["test/acc"] = [0.75, 0.5]
+    changed["git_commit"] = "feedbee"
+    changed.to_parquet(b / "results.parquet")
+    out = subprocess.run([sys.executable, "-m", "harness.report", "--compare", str(a), str(b), "--out",
+                          str(tmp_path / "cmp")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert md == out.stdout.split("written:")[0].rstrip("\n") + "\n"
+    header = next(line for line in md.splitlines() if line.startswith("|   stages"))
+    assert "| fast (" in header and "| other (feedbee) | jigsaw=True" in header
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in md.splitlines() if line.startswith("|") and line.split("|")[1].strip() in ("1", "2")}
+    original = pd.read_parquet(a / "results.parquet").set_index("method.stages")["test/acc"]
+    for stages, new in zip(changed["method.stages"], changed["test/acc"]):
+        assert rows[str(stages)][0].split()[0] == f"{100 * original[stages]:.1f}"
+        assert rows[str(stages)][1].split()[0] == f"{100 * new:.1f}"
+    assert "<table" in (tmp_path / "cmp" / "compare.html").read_text()

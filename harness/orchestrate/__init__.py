@@ -53,7 +53,9 @@ from harness.data._decode import DatasetError  # noqa: E402
 from harness.orchestrate._callback import StoreCallback  # noqa: E402
 from harness.orchestrate._storage import CheckpointStore, Storage, check_storage_reachable  # noqa: E402
 from harness.orchestrate._trial import dataset_key, prepare_dataset, trainable  # noqa: E402
+from harness.progress import Progress  # noqa: E402
 from harness.results import ResultStore  # noqa: E402
+from harness.trackers import Trackers  # noqa: E402
 from harness.trials import ResolvedStudy  # noqa: E402
 from harness.weights import ensure_weights  # noqa: E402
 
@@ -151,9 +153,10 @@ def prepare_datasets(todo, log) -> dict[str, int]:
 
 def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str | None = None,
               max_retries: int = 1, num_cpus: int | None = None, log=print, keep_checkpoints: bool = False,
-              storage: str | None = None) -> RunSummary:
+              storage: str | None = None, loggers: list[str] = (), progress: bool = True) -> RunSummary:
     """Run every unfinished trial of the study. `storage`: where Ray persists checkpoints (default
-    `<run_dir>/ray`; a shared path or s3:// / gs:// URI on a multi-node cluster)."""
+    `<run_dir>/ray`; a shared path or s3:// / gs:// URI on a multi-node cluster). `loggers`: trackers
+    (tensorboard, mlflow, wandb). `progress`: the live lines (harness.progress)."""
     store = ResultStore(run_dir)
     summary = RunSummary(total=len(resolved.trials))
     done = store.finished_ids([t.trial_id for t in resolved.trials])
@@ -166,6 +169,7 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
         store.write_tables(resolved.trials)
         return summary
 
+    trackers = Trackers(list(loggers), run_dir, resolved.name, log)  # a missing tracker package fails here
     # Pretrained weights on this machine before anything starts: offline, a missing tag fails here (exit 2).
     for name, pretrained in {(s.config["backbone"]["name"], s.config["backbone"]["pretrained"]) for s in todo}:
         where = ensure_weights(name, pretrained)
@@ -205,7 +209,8 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
         # workers' bundles are the only CPUs and GPUs reserved for the trial.
         trial_resources, concurrency = {"cpu": 0, "memory": 2**20}, max_concurrent(resolved)
     callback = StoreCallback(store, {s.trial_id: s for s in todo}, resolved.trials, summary, log, checkpoints,
-                             resources.workers, keep_checkpoints, num_classes)
+                             resources.workers, keep_checkpoints, num_classes,
+                             Progress(len(todo)) if progress else None, trackers)
     tuner = tune.Tuner(
         tune.with_resources(trainable, trial_resources),
         param_space={"trial": tune.grid_search(payload)},

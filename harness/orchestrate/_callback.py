@@ -11,6 +11,8 @@ from ray import tune
 
 from harness.orchestrate._storage import CheckpointStore
 from harness.orchestrate._trial import dataset_key
+from harness.progress import Progress
+from harness.trackers import Trackers
 from harness.results import FAILED, FINISHED, ResultStore
 from harness.trials import TrialSpec
 
@@ -23,18 +25,26 @@ TUNE_KEYS = {"kind", "timestamp", "checkpoint_dir_name", "should_checkpoint", "d
 class StoreCallback(tune.Callback):
     def __init__(self, store: ResultStore, specs: dict[str, TrialSpec], all_trials: list[TrialSpec], summary,
                  log, checkpoints: CheckpointStore, workers: int = 1, keep_checkpoints: bool = False,
-                 num_classes: dict[str, int] | None = None):
+                 num_classes: dict[str, int] | None = None, progress: Progress | None = None,
+                 trackers: Trackers | None = None):
         self.store, self.specs, self.all_trials, self.summary, self.log = store, specs, all_trials, summary, log
+        self.progress, self.trackers = progress, trackers
         self.checkpoints, self.workers, self.keep_checkpoints = checkpoints, workers, keep_checkpoints
         self.num_classes = num_classes or {}
         self.started: dict[str, float] = {}
         self.timed_out: set[str] = set()
 
-    def __getstate__(self) -> dict:  # Tune pickles callbacks with its experiment state; a logger need not travel
-        return {k: v for k, v in self.__dict__.items() if k != "log"}
+    def __getstate__(self) -> dict:  # Tune pickles callbacks with its experiment state; terminal and trackers stay
+        return {k: v for k, v in self.__dict__.items() if k not in ("log", "progress", "trackers")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, log=print)
+        self.__dict__.update(state, log=print, progress=None, trackers=None)
+
+    def _say(self, trial_id: str, message: str) -> None:
+        if self.progress is not None:
+            self.progress.end(trial_id, message)
+        else:
+            self.log(message)
 
     @staticmethod
     def _id(trial) -> str:
@@ -44,23 +54,36 @@ class StoreCallback(tune.Callback):
         spec = self.specs[trial_id]
         metrics = {"num_classes": self.num_classes.get(dataset_key(spec.config)), "workers": self.workers, **metrics}
         self.store.write_record(spec, status, metrics, error, curves)
+        if self.trackers:
+            self.trackers.end(spec, status == FINISHED, metrics)
         self.store.write_tables(self.all_trials, curves=False)
         done = self.summary.finished | self.summary.failed
         if trial_id not in done:
             (self.summary.finished if status == FINISHED else self.summary.failed).add(trial_id)
         count = f"[{len(self.summary.finished | self.summary.failed)}/{self.summary.total}]"
         if status == FINISHED:
-            self.log(f"{count} finished {spec.label}: test/acc={metrics.get('test/acc', float('nan')):.4f} "
-                     f"({metrics.get('wall_time_s', 0):.0f} s, {metrics.get('train/images_per_s', 0):.0f} img/s)")
+            acc, wall = metrics.get("test/acc", float("nan")), metrics.get("wall_time_s", 0)
+            self._say(trial_id, f"{count} finished {spec.label}: test/acc={acc:.4f} "
+                                f"({wall:.0f} s, {metrics.get('train/images_per_s', 0):.0f} img/s)")
         else:
-            self.log(f"{count} FAILED {spec.label}: {error}")
+            self._say(trial_id, f"{count} FAILED {spec.label}: {error}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.started[self._id(trial)] = time.monotonic()
+        trial_id = self._id(trial)
+        self.started[trial_id] = time.monotonic()
+        if self.progress is not None:
+            epochs = trial.config["trial"]["config"]["train"]["epochs"]
+            self.progress.start(trial_id, self.specs[trial_id].label, epochs)
+        if self.trackers:
+            self.trackers.start(self.specs[trial_id])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("kind") != "final":
-            return  # per-epoch results only feed Tune; the final one carries the whole history
+        if result.get("kind") != "final":  # an epoch: it feeds Tune, the progress lines and the trackers
+            if self.progress is not None:
+                self.progress.epoch(self._id(trial), result)
+            if self.trackers:
+                self.trackers.epoch(self.specs[self._id(trial)], result)
+            return
         trial_id = self._id(trial)
         if trial_id in self.timed_out:
             return  # already stored as failed; this is the retried attempt saying so again

@@ -1,0 +1,156 @@
+"""index.html: one self-contained page per study run (opens from disk: no server, no network; images are
+inlined as data URIs), rendered from report_template.html with jinja2.
+
+It holds the study and profile, every table with its statistics and paper references, the localisation
+tables, every head's accuracy, the plots and learning curves, the maps of each ablation cell on the
+study's fixed test images, the protocol beside the paper's, each trial with its wall time and
+device-hours, the failed trials with their errors, and the run's metadata (run.json).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+import harness
+from harness.protocol import compare, describe
+from harness.results import FAILED, atomic_write_bytes
+from harness.tables import LEGEND
+
+MAP_PX = 96  # each map is shown at this size (nearest neighbour: small test images stay crisp)
+
+
+def _png(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """(3, H, W) uint8 image and an (H, W) map in [0, 1] -> (H, W, 3) uint8: the map in jet over the image."""
+    from matplotlib import colormaps
+
+    rgb = image.transpose(1, 2, 0).astype(np.float32) / 255
+    colour = colormaps["jet"](np.clip(heat.astype(np.float32), 0, 1))[..., :3]
+    return (255 * (0.5 * rgb + 0.5 * colour)).clip(0, 255).astype(np.uint8)
+
+
+def _with_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    picture = Image.fromarray(image.transpose(1, 2, 0).copy())
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ImageDraw.Draw(picture).rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 32, 32), width=1)
+    return np.asarray(picture)
+
+
+def maps_of_trial(path: Path, label: str) -> dict | None:
+    """A trial's maps.npz as rows of PNGs (one row per map, one column per image)."""
+    if not path.exists():
+        return None
+    data = np.load(path)
+    images = data["images"]
+    scale = max(1, MAP_PX // images.shape[-1])
+
+    def big(rgb: np.ndarray) -> np.ndarray:
+        return np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else rgb
+
+    rows = []
+    for key in data.files:
+        if not key.startswith("map:"):
+            continue
+        values = data[key].astype(np.float32)
+        if values.ndim == 3:
+            shown = [_png(big(_overlay(img, m))) for img, m in zip(images, values)]
+        else:
+            shown = [_png(big(_with_box(img, b))) for img, b in zip(images, values)]
+        rows.append({"name": key[4:], "images": shown})
+    originals = [_png(big(img.transpose(1, 2, 0))) for img in images]
+    return {"label": label, "images": originals, "rows": rows}
+
+
+def _device_hours(results: pd.DataFrame, resources: dict) -> tuple[pd.Series, str]:
+    """Per trial: wall time x the devices it held (GPUs when the study asks for them, else CPUs)."""
+    workers = results["world_size"].fillna(resources.get("workers", 1)) if "world_size" in results else 1
+    per = resources.get("gpu") or resources.get("cpu", 1)
+    kind = "GPU-hours" if resources.get("gpu") else "CPU-hours"
+    wall = results["wall_time_s"].fillna(0) if "wall_time_s" in results else pd.Series(0.0, index=results.index)
+    return wall / 3600 * workers * per, kind
+
+
+def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str) -> list[tuple[str, str]]:
+    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    first = results.iloc[0] if len(results) else pd.Series(dtype=object)
+    versions = ", ".join(f"{k.removeprefix('version/')} {first[k]}" for k in results.columns if k.startswith("version/"))
+    cluster = meta.get("cluster") or {}
+    rows = [("trials", f"{int((results['status'] == 'finished').sum())} finished, "
+                       f"{int((results['status'] == FAILED).sum())} failed, of {len(results)}"),
+            ("last run", f"{meta.get('started', '?')}, {meta.get('wall_time_s', float('nan')):.0f} s wall, "
+                         f"{meta.get('trained', '?')} trained, {meta.get('skipped', '?')} skipped"),
+            (kind, f"{hours.sum():.3f} in all (wall time x devices of each trial)"),
+            ("versions", versions or "?"), ("git commit", str(first.get("git_commit", meta.get("git_commit", "?")))),
+            ("hardware", f"{meta.get('cpu', '?')}, {meta.get('cpu_count', '?')} CPUs; cluster: "
+                         f"{cluster.get('nodes', '?')} nodes, {cluster.get('cpus', '?')} CPUs, "
+                         f"{cluster.get('gpus', '?')} GPUs {', '.join(cluster.get('gpu_types', []))}"),
+            ("devices of the trials", ", ".join(sorted({str(d) for d in results.get("device_name", pd.Series(dtype=str))
+                                                       .dropna()})) or "?"),
+            ("driver", f"{meta.get('driver_host', '?')}, peak memory {meta.get('driver_peak_rss_mb', float('nan')):.0f} MB"),
+            ("storage", str(meta.get("storage") or "local")), ("address", str(meta.get("address", "?")))]
+    return rows
+
+
+def _trials_table(results: pd.DataFrame, axes: list[str], hours: pd.Series, kind: str) -> str:
+    columns = ["status", *[a for a in axes if a in results], "seed", "test/acc", "test/acc_best", "best_epoch",
+               "test/loc/energy", "wall_time_s", "train/images_per_s", "world_size", "node_address"]
+    table = results[[c for c in columns if c in results]].copy()
+    table[kind] = hours.round(4)
+    for c in ("test/acc", "test/acc_best", "test/loc/energy"):
+        if c in table:
+            table[c] = (100 * table[c]).round(1)
+    return table.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}", border=0)
+
+
+def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tables: dict, localisation: dict,
+               heads: pd.DataFrame, axes: list[str]) -> Path:
+    """Render index.html into `out` (the report folder, whose PNG plots it inlines)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    resources = study.get("resources") or {}
+    hours, kind = _device_hours(results, resources)
+    cells = []
+    for _, row in results.sort_values([a for a in axes if a in results] + ["seed"]).iterrows():
+        label = ", ".join(f"{a.split('.')[-1]}={row[a]}" for a in axes if a in results) + f", seed {row['seed']}"
+        cell = maps_of_trial(run_dir / "trials" / row["trial_id"] / "maps.npz", label)
+        if cell:
+            cells.append(cell)
+    protocol = None
+    if study.get("protocol"):
+        rows = compare(study["protocol"], describe(study))
+        protocol = {"rows": rows, "summary": f"Paper: {study['protocol'].get('source', 'the paper')}. "
+                                             f"{sum(bool(r['differs']) for r in rows)} of {len(rows)} knobs differ."}
+    plots = [{"name": p.relative_to(out).as_posix(), "data": base64.b64encode(p.read_bytes()).decode()}
+             for p in sorted(out.rglob("*.png"))]
+    failed = [{"label": ", ".join(f"{a.split('.')[-1]}={r[a]}" for a in axes if a in results) + f", seed {r['seed']}",
+               "error": r.get("error", ""), "traceback": r.get("traceback", "") if isinstance(r.get("traceback"), str) else ""}
+              for _, r in results[results["status"] == FAILED].iterrows()]
+
+    def html(table: pd.DataFrame) -> str:
+        return table.to_html(escape=True, border=0, na_rep="-")
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape(["html"]))
+    page = env.get_template("report_template.html").render(
+        study=study, meta=_metadata(run_dir, results, hours, kind), legend=LEGEND.replace("`", ""),
+        tables=[{"title": name or (metric if isinstance(metric, str) else ", ".join(metric)), "html": html(t)}
+                for name, (t, metric) in tables.items()],
+        localisation=[{"title": name or "localisation", "html": html(t)} for name, t in localisation.items()],
+        heads=html(heads) if not heads.empty else "", plots=plots, cells=cells,
+        n_images=len(cells[0]["images"]) if cells else 0, map_px=MAP_PX, protocol=protocol,
+        trials=_trials_table(results, axes, hours, kind), failed=failed, version=harness.__version__,
+        run_dir=run_dir)
+    path = out / "index.html"
+    atomic_write_bytes(path, page.encode())
+    return path
