@@ -12,7 +12,8 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -288,6 +289,24 @@ def _allowed(model: type[BaseModel], field: str) -> str:
     return "; ".join(parts)
 
 
+def _section_model(model: type[BaseModel], loc: tuple) -> Any:
+    """The model a validation error's location points into: through optional sections (`table: TableSpec |
+    None`) and named ones (`tables: dict[str, TableSpec]`, where a location part is the name)."""
+    section: Any = model
+    for part in loc:
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            f = section.model_fields.get(str(part))
+            section = f.annotation if f is not None else None
+        elif get_origin(section) in (dict, list):
+            section = get_args(section)[-1]  # this part is the entry's name or index
+        else:
+            return None
+        if get_origin(section) in (Union, types.UnionType):
+            models = [a for a in get_args(section) if a is not type(None)]
+            section = models[0] if len(models) == 1 else None
+    return section
+
+
 def _format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple, where: "Where") -> str:
     messages = []
     for e in err.errors():
@@ -296,19 +315,13 @@ def _format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple, 
         at = where.at(loc)
         if e["type"] == "extra_forbidden":
             # Walk the model to the section the unknown key sits in, to list its valid keys.
-            section: Any = model
-            for part in e["loc"][:-1]:
-                f = getattr(section, "model_fields", {}).get(part)
-                section = f.annotation if f is not None else None
+            section = _section_model(model, e["loc"][:-1])
             valid = sorted(getattr(section, "model_fields", {}) or [])
             valid = [k for k in valid if k not in ("path", "profile")]
             hint = did_you_mean(str(e["loc"][-1]), valid)
             messages.append(f"{at}unknown key '{dotted}': {hint}(valid keys: {', '.join(valid)})")
         else:
-            field_model: Any = model
-            for part in e["loc"][:-1]:
-                f = getattr(field_model, "model_fields", {}).get(part)
-                field_model = f.annotation if f is not None else None
+            field_model = _section_model(model, e["loc"][:-1])
             allowed = _allowed(field_model, str(e["loc"][-1])) if isinstance(field_model, type) and \
                 issubclass(field_model, BaseModel) else ""
             got = f" (got {e['input']!r})" if e["type"] != "missing" else ""

@@ -42,6 +42,16 @@ def test_unknown_top_level_key_names_key_line_and_closest(tmp_path):
     assert "unknown key 'trian'" in msg and "did you mean 'train'" in msg and f"{path}:4" in msg
 
 
+
+@pytest.mark.parametrize("section", ["table: {rows: method.stages, cols: method.jigsaw}",
+                                     "tables: {main: {rows: method.stages, cols: method.jigsaw}}"])
+def test_unknown_key_in_an_optional_or_named_section_lists_its_keys(tmp_path, section):
+    path = write(tmp_path, BASE + "grid: {method.stages: [1, 2], method.jigsaw: [true, false]}\n" + section + "\n")
+    with pytest.raises(StudyError) as e:
+        load_study(path)
+    assert "did you mean 'columns'" in str(e.value)
+    assert "(valid keys: columns, grid, metric, reference, rows)" in str(e.value)
+
 def test_unknown_method_parameter_suggests_closest(tmp_path):
     path = write(tmp_path, "name: s\nmethod:\n  name: pmg\n  stagse: 3\n")
     with pytest.raises(StudyError) as e:
