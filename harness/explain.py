@@ -61,7 +61,7 @@ def gradcam(method: Method, images: torch.Tensor, labels: torch.Tensor, stage: i
         method.zero_grad(set_to_none=True)
     cam = torch.relu((gradients.mean((2, 3), keepdim=True) * activations).sum(1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
-    cam = cam[:, 0].numpy()
+    cam = cam[:, 0].cpu().numpy()
     return _unit(cam) if normalise else cam
 
 

@@ -58,6 +58,8 @@ def test_bf16_autocast_trial_on_cuda_names_the_gpu():
     final = run_trial(config(amp=True), load_imageset(DATA, 36))
     assert final["device"] == "cuda" and final["device_name"] == torch.cuda.get_device_name()
     assert np.isfinite(final["train/loss"]) and 0 <= final["test/acc"] <= 1
+    # Where the model looks, computed on the GPU and brought back: the stored maps and the localisation score.
+    assert final["maps"] and 0 <= final["test/loc/energy"] <= 1
 
 
 def test_channels_last_lays_out_the_model_and_its_input():
