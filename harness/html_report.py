@@ -93,9 +93,10 @@ def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str)
                          f"{meta.get('trained', '?')} trained, {meta.get('skipped', '?')} skipped"),
             (kind, f"{hours.sum():.3f} in all (wall time x devices of each trial)"),
             ("versions", versions or "?"), ("git commit", str(first.get("git_commit", meta.get("git_commit", "?")))),
-            ("hardware", f"{meta.get('cpu', '?')}, {meta.get('cpu_count', '?')} CPUs; cluster: "
-                         f"{cluster.get('nodes', '?')} nodes, {cluster.get('cpus', '?')} CPUs, "
-                         f"{cluster.get('gpus', '?')} GPUs {', '.join(cluster.get('gpu_types', []))}"),
+            ("hardware", f"{meta.get('cpu', '?')}, {meta.get('cpu_count', '?')} CPUs (driver)" + (
+                f"; cluster: {cluster.get('nodes', '?')} nodes, {cluster.get('cpus', '?')} CPUs, "
+                f"{cluster.get('gpus', '?')} GPUs {', '.join(cluster.get('gpu_types', []))}" if cluster else
+                "; no cluster started by the last run (it trained nothing)")),
             ("devices of the trials", ", ".join(sorted({str(d) for d in results.get("device_name", pd.Series(dtype=str))
                                                        .dropna()})) or "?"),
             ("driver", f"{meta.get('driver_host', '?')}, peak memory {meta.get('driver_peak_rss_mb', float('nan')):.0f} MB"),

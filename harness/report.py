@@ -165,8 +165,7 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
             write_plots(subset, pd.DataFrame(), plot_axes, spec["rows"], columns, "test/loc/energy", plot_dir)
     from harness.protocol import protocol_markdown
 
-    order = results["heads"].dropna().iloc[0].split(",") if "heads" in results and results["heads"].notna().any() else None
-    heads = head_table(results, axes, order)
+    heads = head_table(results, axes)
     write_tables({**tables, **{f"{name}_localisation" if name else "localisation": (t, LOCALISATION)
                                for name, t in localisation.items()}},
                  heads, out, f"{study['name']} ({study['profile']} profile)", protocol_markdown(study))

@@ -181,10 +181,13 @@ def add_references(table: pd.DataFrame, reference: dict | None, study_path: str)
     return table
 
 
-def head_table(results: pd.DataFrame, axes: list[str], head_order: list[str] | None = None) -> pd.DataFrame:
-    """Every head's accuracy per grid point (mean over finished seeds), in %; columns in `head_order` (primary
-    heads first) when given, else as they come."""
+def head_table(results: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
+    """Every head's accuracy per grid point (mean over finished seeds), in %; columns in the order of the trial
+    that lists the most heads (`heads`: primary first; PMG's S=5 has stage1..stage5 where S=1 has only
+    stage5), the others after them by name."""
     heads = [c for c in results.columns if c.startswith("test/acc/")]
+    listed = results["heads"].dropna() if "heads" in results else pd.Series(dtype=object)
+    head_order = max((h.split(",") for h in listed), key=len, default=None)
     if head_order:
         heads = sorted(heads, key=lambda c: (head_order.index(c[9:]) if c[9:] in head_order else len(head_order), c))
     finished = results[results["status"] == FINISHED]

@@ -41,6 +41,16 @@ def test_head_table_averages_finished_trials():
     assert heads.loc[(2, True), "concat"] == 50.0  # the failed seed is left out
 
 
+
+def test_head_columns_follow_the_trial_with_the_most_heads():
+    rows = [{"method.stages": 1, "status": "finished", "heads": "combined,concat,stage5",
+             "test/acc/combined": 0.5, "test/acc/concat": 0.4, "test/acc/stage5": 0.3},
+            {"method.stages": 3, "status": "finished", "heads": "combined,concat,stage3,stage4,stage5",
+             "test/acc/combined": 0.6, "test/acc/concat": 0.5, "test/acc/stage3": 0.2, "test/acc/stage4": 0.3,
+             "test/acc/stage5": 0.4}]
+    heads = head_table(pd.DataFrame(rows), ["method.stages"])
+    assert list(heads.columns) == ["combined", "concat", "stage3", "stage4", "stage5"]
+
 def test_several_column_axes():
     rows = [{"method.attention_maps": m, "method.crop": c, "method.drop": d, "seed": 0, "status": "finished",
              "test/acc": 0.1 * m + 0.01 * c + 0.02 * d} for m in (1, 4) for c in (False, True) for d in (False, True)]
