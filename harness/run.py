@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--log", dest="loggers", action="append", default=[], choices=["tensorboard", "mlflow", "wandb"],
                    help="also send each trial's epochs and config to a tracker (several allowed): TensorBoard files "
-                        "in the trials' folders, an MLflow store in <run>/mlruns, W&B offline in <run>/wandb")
+                        "in <run>/tensorboard, MLflow to $MLFLOW_TRACKING_URI (else <run>/mlruns), W&B offline "
+                        "in <run>/wandb")
     p.add_argument("--storage", default=None, metavar="PATH|URI",
                    help="where Ray persists checkpoints: a local path, an NFS mount, s3://... or gs://... "
                         "(default: <runs-dir>/<study>/<profile>/ray; a cluster needs one every node can reach)")
