@@ -1,6 +1,7 @@
 """A regression gate for CI: compare a run of a study with a known-good baseline.
 
-    python -m harness.gate RUN_DIR BASELINE [--abs-tol 0.05] [--k 3] [--max-slowdown 0.3] [--junit FILE]
+    python -m harness.gate RUN_DIR BASELINE [--abs-tol 0.05] [--k 3] [--loss-tol 0.1] [--max-slowdown 0.3]
+                           [--junit FILE]
     python -m harness.gate RUN_DIR --write-baseline BASELINE
 
 Exit 0 when no cell regressed, 1 when one did (each named), 2 on bad input (a missing run, a malformed
@@ -12,6 +13,9 @@ came from, and its relative throughput. A cell regresses when
 - its accuracy falls below the baseline mean by more than max(abs_tol, k x se), where se combines the
   spread over the baseline's seeds and the binomial error of one run on the test set,
   sqrt(std_seeds^2 + p (1 - p) / n_test): the noise of comparing one new run with the baseline;
+- or its final training loss (`train/loss`, the last epoch's mean) rose above the baseline's by more
+  than max(loss_tol x baseline, k x its spread over seeds): a method whose accuracy is still near chance
+  in a short smoke run still shows a broken loss or gradient here;
 - or its relative throughput (`train/images_per_s_rel`: the trial's images/s over a reference
   network timed in the same process, harness.reference) falls by more than `max_slowdown`, a
   fraction; a faster or slower machine moves both and leaves the ratio;
@@ -43,6 +47,8 @@ class BaselineCell(BaseModel):
     seeds: int = Field(..., ge=1)
     test_images: int = Field(..., ge=1)
     throughput_rel: float | None = Field(None, gt=0.0, description="train/images_per_s_rel, mean over seeds")
+    train_loss: float | None = Field(None, description="train/loss of the last epoch, mean over seeds")
+    train_loss_std: float = Field(0.0, ge=0.0, description="its standard deviation over seeds (0 with one)")
     images_per_s: float | None = Field(None, gt=0.0, description="raw images/s where it was written (information)")
 
 
@@ -84,6 +90,9 @@ def measure(run_dir: Path) -> tuple[dict, dict[str, dict]]:
             if "train/images_per_s_rel" in ok and ok["train/images_per_s_rel"].notna().any():
                 cell["throughput_rel"] = float(ok["train/images_per_s_rel"].mean())
             cell["images_per_s"] = float(ok["train/images_per_s"].mean())
+            if "train/loss" in ok and ok["train/loss"].notna().all():
+                loss = ok["train/loss"].astype(float)
+                cell.update(train_loss=float(loss.mean()), train_loss_std=float(loss.std(ddof=1)) if len(ok) > 1 else 0.0)
         cells[name] = cell
     return study, cells
 
@@ -117,7 +126,7 @@ def load_baseline(path: Path) -> Baseline:
 
 
 def compare(baseline: Baseline, cells: dict[str, dict], abs_tol: float, k: float,
-            max_slowdown: float) -> list[dict]:
+            max_slowdown: float, loss_tol: float = 0.1) -> list[dict]:
     """One verdict per baseline cell (and per cell the run has and the baseline does not: new, not judged)."""
     rows = []
     for name, base in baseline.cells.items():
@@ -134,6 +143,12 @@ def compare(baseline: Baseline, cells: dict[str, dict], abs_tol: float, k: float
             if now["accuracy"] < base.accuracy - tol:
                 row["problems"].append(f"accuracy {100 * now['accuracy']:.1f}% < baseline {100 * base.accuracy:.1f}% "
                                        f"- {100 * tol:.1f} points")
+            if base.train_loss is not None and now.get("train_loss") is not None:
+                allowed = max(loss_tol * abs(base.train_loss), k * base.train_loss_std)
+                row.update(loss_base=base.train_loss, loss_now=now["train_loss"])
+                if not now["train_loss"] <= base.train_loss + allowed:  # a NaN loss fails too
+                    row["problems"].append(f"training loss {now['train_loss']:.3f} > baseline {base.train_loss:.3f} "
+                                           f"+ {allowed:.3f}")
             if base.throughput_rel and now.get("throughput_rel"):
                 ratio = now["throughput_rel"] / base.throughput_rel
                 row.update(thr_now=now["throughput_rel"], thr_ratio=ratio)
@@ -158,6 +173,7 @@ def render(rows: list[dict]) -> str:
         "cell": r["cell"], "acc base %": pct(r.get("acc_base")), "acc now %": pct(r.get("acc_now")),
         "diff": num(r.get("acc_diff") and 100 * r["acc_diff"], "{:+.1f}"),
         "tolerance": num(r.get("acc_tol") and 100 * r["acc_tol"], "{:.1f}"),
+        "loss base": num(r.get("loss_base")), "loss now": num(r.get("loss_now")),
         "thr base": num(r.get("thr_base")), "thr now": num(r.get("thr_now")), "ratio": num(r.get("thr_ratio"), "{:.2f}"),
         "verdict": r["verdict"]} for r in rows])
     return table.to_markdown(index=False)
@@ -183,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-baseline", metavar="BASELINE", help="record this run as the baseline instead")
     parser.add_argument("--abs-tol", type=float, default=0.05, help="accuracy drop always allowed (fraction, 0.05)")
     parser.add_argument("--k", type=float, default=3.0, help="standard errors of accuracy allowed (3)")
+    parser.add_argument("--loss-tol", type=float, default=0.1,
+                        help="final training loss may rise by this fraction of the baseline's (0.1)")
     parser.add_argument("--max-slowdown", type=float, default=0.3,
                         help="relative throughput may fall by this fraction (0.3: down to 0.7x)")
     parser.add_argument("--junit", metavar="FILE", help="also write JUnit XML")
@@ -204,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gate: the baseline is of {baseline.study}/{baseline.profile}, the run of {study['name']}/"
               f"{study['profile']}", file=sys.stderr)
         return EXIT_INVALID
-    rows = compare(baseline, cells, args.abs_tol, args.k, args.max_slowdown)
+    rows = compare(baseline, cells, args.abs_tol, args.k, args.max_slowdown, args.loss_tol)
     print(render(rows))
     if args.junit:
         atomic_write_bytes(Path(args.junit), junit(rows, f"{baseline.study}/{baseline.profile}").encode())
@@ -216,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {r['cell']}: {'; '.join(r['problems'])}")
         return EXIT_REGRESSED
     print(f"\nno regression in {len(baseline.cells)} cells (accuracy within max({args.abs_tol}, {args.k} se), "
+          f"training loss within max({args.loss_tol} x baseline, {args.k} sd), "
           f"relative throughput above {1 - args.max_slowdown:.2f}x)")
     return EXIT_OK
 

@@ -24,7 +24,7 @@ def run_dir(tmp_path):
         correct = rng.random(300) < p
         rows.append({"trial_id": method, "status": "finished", "method": method, "seed": 0,
                      "test/acc": float(correct.mean()), "test/correct": pack_correct(correct),
-                     "train/images_per_s": 100.0, "train/images_per_s_rel": rel})
+                     "train/images_per_s": 100.0, "train/images_per_s_rel": rel, "train/loss": 1.2})
     pd.DataFrame(rows).to_parquet(run / "results.parquet")
     return run
 
@@ -67,6 +67,24 @@ def test_a_small_accuracy_drop_is_noise_and_a_slowdown_is_not(run_dir, tmp_path,
     out = capsys.readouterr().out
     assert "REGRESSED: method=b" in out and "relative throughput 0.50x" in out and "method=a:" not in out
 
+
+
+def test_a_method_still_at_chance_is_gated_on_its_training_loss(run_dir, tmp_path, capsys):
+    baseline = tmp_path / "baseline.json"
+    main([str(run_dir), "--write-baseline", str(baseline)])
+    data = json.loads(baseline.read_text())
+    assert data["cells"]["method=a"]["train_loss"] == 1.2
+    data["cells"]["method=a"]["train_loss"] = 1.15  # the run's 1.2 is within 10% of it
+    data["cells"]["method=b"]["train_loss"] = 0.9  # the run's 1.2 is a third higher: learning broke
+    baseline.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main([str(run_dir), str(baseline)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSED: method=b" in out and "training loss 1.200 > baseline 0.900 + 0.090" in out
+    assert main([str(run_dir), str(baseline), "--loss-tol", "0.5"]) == 0
+    del data["cells"]["method=b"]["train_loss"]  # a baseline written before the loss was recorded: not judged on it
+    baseline.write_text(json.dumps(data))
+    assert main([str(run_dir), str(baseline)]) == 0
 
 def test_bad_input_exits_2_with_the_reason(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad.json"
