@@ -192,6 +192,12 @@ class Method(nn.Module):
         return {}
 
 
+
+def linear_cam(fc: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CAM (Zhou et al.): a linear head's weights of each image's true class over the (B, C, h, w) maps it
+    sees through global average pooling, (B, h, w). For `Method.class_activation_map`."""
+    return torch.einsum("bc,bchw->bhw", fc.weight[labels].to(features.dtype), features)
+
 @contextmanager
 def frozen_batchnorm(module: nn.Module):
     """Inside the block, the BatchNorm layers of `module` normalise with their running statistics and leave

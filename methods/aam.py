@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
+from harness.plugin import Method, MethodParams, OptimizerSteps, linear_cam, register_method
 from methods.attention_modules import AAM, CBAM, ResidualAttention, build_attention
 
 
@@ -161,8 +161,7 @@ class AAMNet(Method):
 
     def class_activation_map(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CAM: the linear layer's weights of the true class over the last stage's maps."""
-        features = self(images)[1]
-        return torch.einsum("bc,bchw->bhw", self.fc.weight[labels].to(features.dtype), features)
+        return linear_cam(self.fc, self(images)[1], labels)
 
     def explanations(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each inserted module's spatial attention (AAM's Ms, CBAM's spatial gate, Residual Attention's

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
+from harness.plugin import Method, MethodParams, OptimizerSteps, linear_cam, register_method
 
 
 class BaselineParams(MethodParams):
@@ -38,5 +38,4 @@ class Baseline(Method):
 
     def class_activation_map(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CAM: the linear layer's weights of the true class over the last stage's maps."""
-        features = self.backbone(images)[-1]
-        return torch.einsum("bc,bchw->bhw", self.fc.weight[labels].to(features.dtype), features)
+        return linear_cam(self.fc, self.backbone(images)[-1], labels)

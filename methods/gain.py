@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, frozen_batchnorm, register_method
+from harness.plugin import Method, MethodParams, OptimizerSteps, frozen_batchnorm, linear_cam, register_method
 
 
 class GAINParams(MethodParams):
@@ -133,5 +133,4 @@ class GAIN(Method):
 
     def class_activation_map(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CAM: the linear layer's weights of the true class over the last stage's maps."""
-        features = self(images)[1]
-        return torch.einsum("bc,bchw->bhw", self.fc.weight[labels].to(features.dtype), features)
+        return linear_cam(self.fc, self(images)[1], labels)
