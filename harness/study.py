@@ -12,14 +12,14 @@ import copy
 import os
 import re
 from pathlib import Path
-import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness.backbones import BackboneConfig
 from harness.registry import RegistryError, did_you_mean
+from harness.study_errors import Where, format_errors, line_map
 
 SECTIONS_IN_GRID = ("method", "dataset", "backbone", "train")
 
@@ -162,29 +162,6 @@ class Study(Strict):
     profile: str = "default"
 
 
-# ----------------------------------------------------------------------------- YAML with line numbers
-
-def _line_map(text: str) -> dict[tuple, int]:
-    """Dotted key path (as a tuple) -> 1-based line, from the YAML node tree."""
-    lines: dict[tuple, int] = {}
-
-    def walk(node: yaml.Node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                p = path + (key.value,)
-                lines[p] = key.start_mark.line + 1
-                walk(value, p)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, value in enumerate(node.value):
-                lines[path + (i,)] = value.start_mark.line + 1
-                walk(value, path + (i,))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
 def _deep_merge(base: dict, override: dict) -> dict:
     """Profile overrides merged into the base. A method or dataset section that names a different
     plugin replaces the base section whole: its parameters belong to the other plugin."""
@@ -267,93 +244,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise StudyError(f"--set {text!r}: the value is not valid YAML: {e}") from None
 
 
-# ----------------------------------------------------------------------------- error messages
-
-def _allowed(model: type[BaseModel], field: str) -> str:
-    info = model.model_fields.get(field)
-    if info is None:
-        return ""
-    bounds = []
-    for meta in info.metadata:
-        for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(meta, attr, None) is not None:
-                bounds.append(f"{sym} {getattr(meta, attr)}")
-    parts = []
-    if bounds:
-        parts.append(f"allowed: {field} " + " and ".join(bounds))
-    annotation = str(info.annotation).replace("typing.", "")
-    if "Literal" in annotation:
-        parts.append(f"allowed: {annotation}")
-    if info.description:
-        parts.append(info.description)
-    return "; ".join(parts)
-
-
-def _section_model(model: type[BaseModel], loc: tuple) -> Any:
-    """The model a validation error's location points into: through optional sections (`table: TableSpec |
-    None`) and named ones (`tables: dict[str, TableSpec]`, where a location part is the name)."""
-    section: Any = model
-    for part in loc:
-        if isinstance(section, type) and issubclass(section, BaseModel):
-            f = section.model_fields.get(str(part))
-            section = f.annotation if f is not None else None
-        elif get_origin(section) in (dict, list):
-            section = get_args(section)[-1]  # this part is the entry's name or index
-        else:
-            return None
-        if get_origin(section) in (Union, types.UnionType):
-            models = [a for a in get_args(section) if a is not type(None)]
-            section = models[0] if len(models) == 1 else None
-    return section
-
-
-def _format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple, where: "Where") -> str:
-    messages = []
-    for e in err.errors():
-        loc = prefix + tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc)
-        at = where.at(loc)
-        if e["type"] == "extra_forbidden":
-            # Walk the model to the section the unknown key sits in, to list its valid keys.
-            section = _section_model(model, e["loc"][:-1])
-            valid = sorted(getattr(section, "model_fields", {}) or [])
-            valid = [k for k in valid if k not in ("path", "profile")]
-            hint = did_you_mean(str(e["loc"][-1]), valid)
-            messages.append(f"{at}unknown key '{dotted}': {hint}(valid keys: {', '.join(valid)})")
-        else:
-            field_model = _section_model(model, e["loc"][:-1])
-            allowed = _allowed(field_model, str(e["loc"][-1])) if isinstance(field_model, type) and \
-                issubclass(field_model, BaseModel) else ""
-            got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
-            messages.append(f"{at}{dotted}: {e['msg']}{got}" + (f"; {allowed}" if allowed else ""))
-    return "\n".join(messages)
-
-
-class Where:
-    """Finds the file line of a key path, looking in the selected profile first."""
-
-    def __init__(self, path: str, lines: dict[tuple, int], profile: str | None, grid: bool = False):
-        self.path, self.lines, self.profile, self.grid = path, lines, profile, grid
-
-    def in_grid(self) -> "Where":
-        """The same, but a key that is a grid axis points at its line under `grid:`."""
-        return Where(self.path, self.lines, self.profile, grid=True)
-
-    def at(self, loc: tuple) -> str:
-        loc = tuple(loc)
-        axis = ".".join(str(p) for p in loc)
-        if self.grid:
-            for grid_key in ((("profiles", self.profile, "grid", axis)) if self.profile else None, ("grid", axis)):
-                if grid_key in self.lines:
-                    return f"{self.path}:{self.lines[grid_key]}: "
-        for candidate in ((("profiles", self.profile) + loc) if self.profile else None, loc):
-            while candidate:
-                if candidate in self.lines:
-                    return f"{self.path}:{self.lines[candidate]}: "
-                candidate = candidate[:-1]
-        return f"{self.path}: "
-
-
 # ----------------------------------------------------------------------------- loading
 
 def load_study(path: str | os.PathLike, profile: str | None = None, overrides: tuple[str, ...] | list[str] = ()):
@@ -366,7 +256,7 @@ def load_study(path: str | os.PathLike, profile: str | None = None, overrides: t
     text = path.read_text()
     try:
         raw = yaml.safe_load(text)
-        lines = _line_map(text)
+        lines = line_map(text)
     except yaml.YAMLError as e:
         raise StudyError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -395,7 +285,7 @@ def load_study(path: str | os.PathLike, profile: str | None = None, overrides: t
     try:
         study = Study.model_validate({**merged, "profiles": profiles})
     except ValidationError as e:
-        raise StudyError(_format_errors(e, Study, (), where)) from None
+        raise StudyError(format_errors(e, Study, (), where)) from None
     study.path, study.profile = str(path), selected
     try:
         return resolve(study, where)

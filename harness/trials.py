@@ -22,8 +22,8 @@ from harness.backbones import BackboneConfig
 from harness.data import DATASETS, DatasetParams
 from harness.plugin import METHODS, MethodParams
 from harness.registry import did_you_mean
-from harness.study import (SECTIONS_IN_GRID, ReportConfig, Study, StudyError, TrainConfig, Where, _format_errors,
-                           get_dotted, set_dotted)
+from harness.study import SECTIONS_IN_GRID, ReportConfig, Study, StudyError, TrainConfig, get_dotted, set_dotted
+from harness.study_errors import Where, format_errors
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def _validate_sections(config: dict, where: Where, context: str) -> dict:
         try:
             out[section] = model.model_validate(config[section]).model_dump(mode="json")
         except ValidationError as e:
-            raise StudyError(_format_errors(e, model, (section,), where) + context) from None
+            raise StudyError(format_errors(e, model, (section,), where) + context) from None
     method_cls = METHODS.get(out["method"]["name"])
     try:
         method_cls.validate_with(method_cls.Params.model_validate(out["method"]),
