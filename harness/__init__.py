@@ -12,4 +12,5 @@ __version__ = "0.1.0"
 # 3: the method's random choices come from their own generator, no longer interleaved with the data's
 # 4: WS-DAN maps drawn with replacement, AAM centres by Wen et al.'s rule, MKSMT with PyTorch 1.x zero_grad,
 #    Swin's final norm on the last stage
-MATH_VERSION = 4
+# 5: train.precision (default auto: bf16 only where the device has bf16 units) replaces train.amp
+MATH_VERSION = 5

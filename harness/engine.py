@@ -28,12 +28,12 @@ import os
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from harness import precision as precisions
 from harness._atomic import atomic_write
 from harness.backbones import build_backbone
 from harness.complexity import inference_complexity
@@ -185,6 +185,28 @@ def evaluate(method: Method, pipeline: BatchPipeline, autocast, flip: int | None
     return metrics, full.bool().cpu()
 
 
+def set_threads(threads: int) -> None:
+    """torch's intra-op and inter-op threads = the CPUs reserved for this process, so trials packed on a node
+    never oversubscribe it. The inter-op pool can be sized once per process (before its first parallel work):
+    a reused worker process that already has another size keeps it, and says so."""
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:
+            print(f"warning: torch's inter-op threads stay {torch.get_num_interop_threads()} in this process "
+                  f"(set before this trial; asked for {threads})", flush=True)
+
+
+def run_environment() -> dict:
+    """What a row records of the machine it trained on: the CPU (model, torch's kernel capability, bf16 units)
+    and the threads torch used."""
+    info = precisions.cpu_info()
+    return {"cpu_model": info["cpu_model"], "cpu_capability": info["cpu_capability"], "cpu_bf16": info["cpu_bf16"],
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -198,20 +220,28 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     collective = collective or Collective()
     world = collective.world_size
     if threads:
-        torch.set_num_threads(max(1, int(threads)))
+        set_threads(threads)
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.parse(config)
     train, seed = cfg.train, cfg.seed
     device = pick_device(train.device)
+    precision = precisions.resolve(train.precision, device)
+    warning = precisions.emulation_warning(precision, device)
+    if warning and collective.is_primary:
+        print(f"warning: {warning}", flush=True)
     seed_everything(seed)
     method = build_method(cfg, imageset.num_classes)
     if world > 1 and train.sync_bn:
         method = sync_batchnorm(method)
     method = method.to(device, memory_format=torch.channels_last if train.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(method, train)
-    # bf16 autocast: on CUDA, and on CPUs with bf16 units (AVX512-BF16/AMX: ~1.7x for ResNet-18 here).
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if train.amp else nullcontext
+    # Autocast in the precision chosen for this device (harness.precision): bf16 where it is native, fp32
+    # elsewhere unless the study says otherwise; fp16 needs a gradient scaler, bf16 does not.
+    def autocast():
+        return precisions.autocast(device.type, precision)
+
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     steps = OptimizerSteps(optimizer, set_to_none=method.zero_grad_set_to_none, grad_clip=train.grad_clip,
-                           collective=collective)
+                           collective=collective, scaler=scaler)
 
     mean, std = NORMALIZATIONS[train.normalize]
     shard = {"rank": collective.rank, "world_size": world, "device": device, "mean": mean, "std": std,
@@ -240,6 +270,8 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         train_time, images_seen, steps.count = state["train_time"], state["images_seen"], state["steps"]
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         # With PyTorch 1.x zero_grad semantics a parameter that once had a gradient keeps a zero-filled
         # one, and SGD keeps applying momentum to it: restore that, or the resumed run would differ.
         with_grad = set(state["params_with_grad"])
@@ -249,7 +281,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     if train.compile:
         method.compile()  # in place: state-dict keys and the checkpoint format stay as they are
 
-    reference = reference_throughput(device, train.amp) if train.reference_workload else None
+    reference = reference_throughput(device, precision) if train.reference_workload else None
     n_params = sum(p.numel() for p in method.parameters())
     metrics: dict = history[-1] if history else {}
     for epoch in range(start_epoch, train.epochs):
@@ -291,7 +323,8 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
             checkpoint = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "history": history, "train_time": train_time, "images_seen": images_seen,
                           "steps": steps.count,
-                          "params_with_grad": [i for i, p in enumerate(method.parameters()) if p.grad is not None]}
+                          "params_with_grad": [i for i, p in enumerate(method.parameters()) if p.grad is not None],
+                          **({"scaler": scaler.state_dict()} if scaler else {})}
         io.report(dict(metrics), checkpoint)
 
     final = dict(metrics)
@@ -313,12 +346,13 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
     if reference:  # timed before and after training: a load that changed meanwhile weighs on both alike
-        reference = (reference + reference_throughput(device, train.amp)) / 2
+        reference = (reference + reference_throughput(device, precision)) / 2
         final.update({"reference/images_per_s": reference,
                       "train/images_per_s_rel": images_seen / max(train_time, 1e-9) / reference})
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,
                   "wall_time_s": time.perf_counter() - wall_start, "optimizer_steps": steps.count,
                   "params": n_params, "device": device.type, "device_name": device_name(device),
+                  "precision": precision, "precision_requested": train.precision, **run_environment(),
                   "world_size": world, "num_classes": imageset.num_classes, "heads": ",".join(method.heads),
                   "resumed_from_epoch": start_epoch, "history": history})
     return final

@@ -44,8 +44,8 @@ class OptimizerSteps:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, set_to_none: bool = True, grad_clip: float | None = None,
-                 collective: Collective | None = None):
-        self.optimizer, self.set_to_none, self.grad_clip = optimizer, set_to_none, grad_clip
+                 collective: Collective | None = None, scaler: torch.amp.GradScaler | None = None):
+        self.optimizer, self.set_to_none, self.grad_clip, self.scaler = optimizer, set_to_none, grad_clip, scaler
         self.collective = collective or Collective()
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.count = 0  # optimizer steps taken so far (tests read it: PMG takes S+1 per batch)
@@ -57,12 +57,18 @@ class OptimizerSteps:
         if not distributed:
             self._check(value, name)  # before backward: nothing is computed on garbage
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
-        loss.backward()
-        if distributed:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if distributed:  # the average of the scaled gradients is the scaled average
             self._check(self.collective.average_gradients(self.params, loss), name)
+        if self.scaler:  # fp16: gradients back to their scale (an overflow skips the step and lowers the scale)
+            self.scaler.unscale_(self.optimizer)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.grad_clip)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.count += 1
         return value
 
@@ -75,7 +81,7 @@ class OptimizerSteps:
     def _check(self, value: float, name: str) -> None:
         if not math.isfinite(value):
             raise TrialDiverged(f"{name} became {value} at optimizer step {self.count}: the trial diverged; "
-                                "lower train.lr, enable train.grad_clip, or disable train.amp")
+                                "lower train.lr, enable train.grad_clip, or use train.precision: fp32")
 
 
 class Method(nn.Module):
@@ -101,7 +107,7 @@ class Method(nn.Module):
       the method's own layers at 1x, the backbone at `params.backbone_lr_scale`. The engine builds SGD on
       them once, and scales each group's lr by the schedule every epoch.
     - `training_step(images, labels, steps, generator)`: called by the engine for every training batch,
-      in train mode, under autocast when `train.amp`. `images` (B, 3, S, S) normalised floats on the
+      in train mode, under autocast in the trial's precision (harness.precision). `images` (B, 3, S, S) normalised floats on the
       trial's device, `labels` (B,) int64; with several workers, B is this worker's share of the global
       batch. Call `steps.step(loss)` once per optimizer step (it does zero_grad, backward, the average
       over workers, clipping and the step; PMG calls it S+1 times, MKSMT one to three); draw every
@@ -119,6 +125,8 @@ class Method(nn.Module):
       localisation (default: the primary head on the last stage); `class_activation_map(images, labels)`:
       (B, h, w) CAM of a head on global average pooling, or None; `explanations(images)`: the method's own
       maps (B, h, w) and boxes (B, 4) xyxy in input pixels, by name (WS-DAN's attention maps and crop).
+    - `relative_cost(params)` (classmethod, optional): a batch's cost in forward/backward passes (PMG: S+1),
+      so the orchestrator can start a study's longest trials first.
     - `zero_grad_set_to_none` (attribute, optional): False reproduces PyTorch 1.x zero_grad for methods
       whose authors relied on it (see OptimizerSteps).
     - The state dict (parameters and buffers) is the checkpoint: everything that must survive a resume
@@ -151,6 +159,12 @@ class Method(nn.Module):
     @classmethod
     def validate_with(cls, params: MethodParams, num_stages: int) -> None:
         """Checks that need the backbone (e.g. S <= number of stages); raise ValueError naming the fix."""
+
+    @classmethod
+    def relative_cost(cls, params: MethodParams) -> float:
+        """Training cost of one batch relative to one forward/backward/step of the network (PMG: S+1 steps).
+        Only orders a study's trials (longest first, so the table is done soonest); never a result."""
+        return 1.0
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups: dicts with "params", "name" and "lr_scale" (x the study's train.lr).

@@ -53,7 +53,8 @@ def describe(study: dict) -> dict[str, str]:
         "schedule": schedule,
         "epochs": str(train["epochs"]),
         "batch": str(train["batch_size"]),
-        "precision": "bf16 autocast" if train.get("amp") else "fp32",
+        "precision": {"auto": "auto (bf16 autocast where native, else fp32)", "fp32": "fp32",
+                      "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[train.get("precision", "auto")],
         "reported": "best epoch" if "acc_best" in metric else "last epoch",
     }
 

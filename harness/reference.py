@@ -10,8 +10,6 @@ slows down, it slows down for both, and the ratio stays (tests/benchmarks measur
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 
@@ -24,7 +22,7 @@ def _network() -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
 
 
-def reference_throughput(device: torch.device | str = "cpu", amp: bool = False, batch: int = 16,
+def reference_throughput(device: torch.device | str = "cpu", precision: str = "fp32", batch: int = 16,
                          iterations: int = 5, warmup: int = 2) -> float:
     """Images per second of the reference network's training steps (median over `iterations` timed steps)."""
     device = torch.device(device)
@@ -35,11 +33,11 @@ def reference_throughput(device: torch.device | str = "cpu", amp: bool = False, 
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     images = torch.rand(batch, 3, 64, 64, generator=generator).to(device)
     labels = torch.randint(0, 10, (batch,), generator=generator).to(device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    from harness.precision import autocast
     times = []
     for i in range(warmup + iterations):
         t0 = time.perf_counter()
-        with autocast():
+        with autocast(device.type, precision):
             loss = nn.functional.cross_entropy(net(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

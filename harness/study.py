@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import os
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +65,10 @@ class TrainConfig(Strict):
     step_size: int = Field(2, ge=1, description="epochs per decay of the step schedule")
     gamma: float = Field(0.9, gt=0.0, le=1.0, description="decay factor of the step schedule")
     grad_clip: float | None = Field(None, gt=0.0)
-    amp: bool = Field(False, description="bf16 autocast (CUDA, or CPUs with bf16 units)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast where the trial's device computes bf16 natively (CUDA with bf16, "
+                            "a CPU with AVX512-BF16/AMX), else fp32; fp32; bf16 or fp16 autocast on any device "
+                            "(harness.precision; the row records what the device made of it)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_train_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (smoke runs)")
     eval_every: int = Field(1, ge=1)
@@ -80,6 +85,26 @@ class TrainConfig(Strict):
     timeout_s: float | None = Field(None, gt=0.0, description="stop a trial still running after this many "
                                     "seconds (hung or too slow) and record it failed with the reason; not part "
                                     "of the trial's identity")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _amp_is_precision(cls, data: Any) -> Any:
+        """`amp` (deprecated): true was bf16 autocast, false fp32."""
+        if isinstance(data, dict) and "amp" in data:
+            data = dict(data)
+            amp = data.pop("amp")
+            if not isinstance(amp, bool):
+                raise ValueError(f"amp: give true or false (got {amp!r}); better, train.precision: auto")
+            if "precision" in data:  # e.g. a profile or --set gives precision over a base that still says amp
+                warnings.warn(f"train.amp is deprecated and ignored here: train.precision={data['precision']} "
+                              "decides; remove amp", FutureWarning, stacklevel=2)
+                return data
+            data["precision"] = "bf16" if amp else "fp32"
+            warnings.warn(f"train.amp is deprecated: amp: {str(amp).lower()} now means train.precision: "
+                          f"{data['precision']}; write train.precision: auto (bf16 where the device has bf16 units, "
+                          "fp32 elsewhere: emulated bf16 is ~30x slower on CPUs without them)", FutureWarning,
+                          stacklevel=2)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -282,12 +307,17 @@ def load_study(path: str | os.PathLike, profile: str | None = None, overrides: t
         set_dotted(merged, key, value)
     merged = _interpolate(merged, "")
     where = Where(str(path), lines, selected if selected in profiles else None)
-    try:
-        study = Study.model_validate({**merged, "profiles": profiles})
-    except ValidationError as e:
-        raise StudyError(format_errors(e, Study, (), where)) from None
-    study.path, study.profile = str(path), selected
-    try:
-        return resolve(study, where)
-    except RegistryError as e:
-        raise StudyError(f"{path}: {e}") from None
+    with warnings.catch_warnings(record=True) as caught:  # deprecations, said once per study with its file
+        warnings.simplefilter("always", FutureWarning)
+        try:
+            study = Study.model_validate({**merged, "profiles": profiles})
+        except ValidationError as e:
+            raise StudyError(format_errors(e, Study, (), where)) from None
+        study.path, study.profile = str(path), selected
+        try:
+            resolved = resolve(study, where)
+        except RegistryError as e:
+            raise StudyError(f"{path}: {e}") from None
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FutureWarning)):
+        print(f"{path}: {message}", file=sys.stderr)
+    return resolved

@@ -138,6 +138,15 @@ def backbone_num_stages(backbone_json: str) -> int:
         return len(timm.create_model(cfg.name, pretrained=False, **kwargs).feature_info.channels())
 
 
+def estimated_cost(config: dict) -> float:
+    """A trial's training cost in arbitrary units (epochs x pixels per image x the method's passes per batch):
+    only for ordering trials longest first, which finishes a study's table soonest on a few slots."""
+    train = config["train"]
+    method = METHODS.get(config["method"]["name"])
+    params = method.Params.model_validate(config["method"])
+    return float(train["epochs"]) * train["image_size"] ** 2 * method.relative_cost(params)
+
+
 def _section_models(config: dict) -> dict[str, type[BaseModel]]:
     return {"method": METHODS.get(config["method"]["name"]).Params,
             "dataset": DATASETS.get(config["dataset"]["name"]).Params,

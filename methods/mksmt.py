@@ -84,6 +84,10 @@ class MKSMT(Method):
     def head_names(cls, params: MKSMTParams, num_stages: int) -> tuple[str, ...]:
         return ("S4", "S3", "S2") if params.steps == 3 else ("S4", "S3")
 
+    @classmethod
+    def relative_cost(cls, params: MKSMTParams) -> float:
+        return float(params.steps)  # one to three updates per batch
+
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: MKSMTParams):
         super().__init__(backbone, num_classes, params)
         last = backbone.num_stages - 1

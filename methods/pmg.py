@@ -143,6 +143,10 @@ class PMG(Method):
             raise ValueError(f"method.stages={params.stages} but the backbone has {num_stages} stages; "
                              f"choose 1 <= stages <= {num_stages}")
 
+    @classmethod
+    def relative_cost(cls, params: PMGParams) -> float:
+        return params.stages + 1  # S stage steps + the concat step (early exit makes the stage steps cheaper)
+
     def forward(self, images: torch.Tensor, upto_step: int | None = None) -> list[torch.Tensor]:
         """Logits [y_1, ..., y_S, y_concat]. With `upto_step=k` (early exit) only y_1..y_k are computed."""
         k = len(self.used) if upto_step is None else upto_step + 1

@@ -120,6 +120,10 @@ class APN(nn.Module):
 class RACNN(Method):
     Params = RACNNParams
 
+    @classmethod
+    def relative_cost(cls, params: RACNNParams) -> float:
+        return float(params.scales)  # one network per scale
+
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: RACNNParams):
         super().__init__(backbone, num_classes, params)
         channels = backbone.channels[-1]

@@ -162,6 +162,10 @@ class WSDAN(Method):
     def head_names(cls, params: WSDANParams, num_stages: int) -> tuple[str, ...]:
         return ("refined", "raw") if params.refine else ("raw",)
 
+    @classmethod
+    def relative_cost(cls, params: WSDANParams) -> float:
+        return 1 + params.crop + params.drop  # raw, crop and drop passes in one step
+
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: WSDANParams):
         super().__init__(backbone, num_classes, params)
         self.stage = params.stage % backbone.num_stages

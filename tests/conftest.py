@@ -16,7 +16,7 @@ name: tiny
 method: {name: pmg, stages: 2, feature_size: 16, stage_dim: 32, backbone_lr_scale: 1.0, early_exit: true}
 dataset: {name: synthfg, classes: 4, train_per_class: 8, test_per_class: 4}
 backbone: {name: resnet18}
-train: {epochs: 2, batch_size: 8, image_size: 32, resize: 36, lr: 0.05}
+train: {epochs: 2, batch_size: 8, image_size: 32, resize: 36, lr: 0.05, precision: fp32}
 grid:
   method.stages: [1, 2]
   method.jigsaw: [true, false]

@@ -55,7 +55,7 @@ def test_batches_travel_as_pinned_uint8_and_match_the_cpu_pipeline(monkeypatch):
 
 
 def test_bf16_autocast_trial_on_cuda_names_the_gpu():
-    final = run_trial(config(amp=True), load_imageset(DATA, 36))
+    final = run_trial(config(precision="bf16"), load_imageset(DATA, 36))
     assert final["device"] == "cuda" and final["device_name"] == torch.cuda.get_device_name()
     assert np.isfinite(final["train/loss"]) and 0 <= final["test/acc"] <= 1
     # Where the model looks, computed on the GPU and brought back: the stored maps and the localisation score.
@@ -64,7 +64,7 @@ def test_bf16_autocast_trial_on_cuda_names_the_gpu():
 
 def test_channels_last_lays_out_the_model_and_its_input():
     io = LastState()
-    run_trial(config(channels_last=True, amp=True), load_imageset(DATA, 36), io)
+    run_trial(config(channels_last=True, precision="bf16"), load_imageset(DATA, 36), io)
     conv = io.state["model"]["backbone.body.conv1.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     pipe = BatchPipeline(load_imageset(DATA, 36).train, 32, 8, train=True, device="cuda", channels_last=True)

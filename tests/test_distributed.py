@@ -21,7 +21,7 @@ DATA = SynthFGParams(classes=4, train_per_class=8, test_per_class=4)
 
 def config(method: dict, **train) -> dict:
     return {"method": method, "dataset": DATA.model_dump(), "backbone": {"name": "resnet18"},
-            "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "resize": 36, "lr": 0.05, "amp": False,
+            "train": {"epochs": 2, "batch_size": 8, "image_size": 32, "resize": 36, "lr": 0.05, "precision": "fp32",
                       "max_train_batches": 2, **train}, "seed": 5}
 
 

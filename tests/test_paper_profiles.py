@@ -106,7 +106,7 @@ def test_a_training_split_smaller_than_a_batch_is_an_error(tiny_study, tmp_path,
 def test_protocol_marks_every_difference():
     study = {"method": {"name": "pmg", "backbone_lr_scale": 0.1}, "backbone": {"name": "resnet50.tv_in1k",
              "pretrained": True, "stem_pooled": True},
-             "train": {**TrainConfig(pipeline="pmg", lr=0.002, epochs=200, batch_size=16).model_dump(), "amp": False},
+             "train": {**TrainConfig(pipeline="pmg", lr=0.002, epochs=200, batch_size=16).model_dump(), "precision": "fp32"},
              "table": {"rows": "x", "metric": "test/acc_best"}}
     ours = describe(study)
     assert ours["lr"] == "0.002 new layers, 0.0002 backbone" and ours["input"] == "550 -> 448, padding 8"

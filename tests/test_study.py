@@ -177,7 +177,7 @@ def test_paper_profile_resolves_the_authors_protocol(monkeypatch):
     assert cfg["dataset"] == {"name": "cub200", "root": "/data/CUB_200_2011"}
     assert cfg["backbone"]["name"] == "resnet50.tv_in1k" and cfg["backbone"]["pretrained"] is True
     assert (cfg["train"]["image_size"], cfg["train"]["resize"], cfg["train"]["batch_size"]) == (448, 550, 16)
-    assert cfg["train"]["lr"] == 0.002 and cfg["train"]["epochs"] == 200 and cfg["train"]["amp"] is False
+    assert cfg["train"]["lr"] == 0.002 and cfg["train"]["epochs"] == 200 and cfg["train"]["precision"] == "fp32"
     m = cfg["method"]
     assert (m["feature_size"], m["stage_dim"], m["backbone_lr_scale"], m["early_exit"]) == (512, 1024, 0.1, False)
     assert len(study.trials) == 30  # 5 x 2 x 3 seeds

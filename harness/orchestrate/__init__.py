@@ -50,13 +50,14 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
 from harness.data._decode import DatasetError  # noqa: E402
+from harness.precision import describe_here  # noqa: E402
 from harness.orchestrate._callback import StoreCallback  # noqa: E402
 from harness.orchestrate._storage import CheckpointStore, Storage, check_storage_reachable  # noqa: E402
 from harness.orchestrate._trial import dataset_key, prepare_dataset, trainable  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness.results import ResultStore  # noqa: E402
 from harness.trackers import Trackers  # noqa: E402
-from harness.trials import ResolvedStudy  # noqa: E402
+from harness.trials import ResolvedStudy, estimated_cost  # noqa: E402
 from harness.weights import ensure_weights  # noqa: E402
 
 # Tune's ResultGrid looks for the per-trial CSV/JSON loggers we turned off; the store has the results.
@@ -83,8 +84,10 @@ def start_ray(address: str | None, num_cpus: int | None = None, dashboard: bool 
     if address:
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, logging_level="WARNING",
-                 log_to_driver=True, configure_logging=True)
+        # address="local": always a new local Ray, whatever a killed run left in Ray's temp folder
+        # (ray_current_cluster naming a dead cluster would otherwise turn this into a failed connection).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+                 logging_level="WARNING", log_to_driver=True, configure_logging=True)
 
 
 def shutdown() -> None:
@@ -160,7 +163,8 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
     store = ResultStore(run_dir)
     summary = RunSummary(total=len(resolved.trials))
     done = store.finished_ids([t.trial_id for t in resolved.trials])
-    todo = [t for t in resolved.trials if t.trial_id not in done]
+    # Longest first (stable): on a few slots the last trial to start is a short one, so the table is done soonest.
+    todo = sorted((t for t in resolved.trials if t.trial_id not in done), key=lambda t: -estimated_cost(t.config))
     summary.skipped, summary.total = len(done), len(todo)
     if done:
         log(f"skipping {len(done)} of {len(resolved.trials)} trials already finished "
@@ -176,6 +180,9 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
         if where:
             log(f"weights {name}: {where}")
     resources = resolved.study.resources
+    if not address and os.environ.get("RAY_ADDRESS"):  # `ray job submit` and users say where the cluster is so
+        address = os.environ["RAY_ADDRESS"]
+        log(f"joining the Ray cluster of RAY_ADDRESS={address} (unset it for a local run)")
     t0 = time.perf_counter()
     start_ray(address, num_cpus, dashboard=resources.workers > 1)
     summary.cluster = cluster_description()
@@ -190,6 +197,9 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
             raise ValueError(problem)
     log(f"Ray {'joined at ' + address if address else 'started locally'} in {time.perf_counter() - t0:.1f} s; "
         f"{len(todo)} trials to run, resources per trial: {resources.model_dump()}; storage: {where}")
+    requested = sorted({s.config["train"]["precision"] for s in todo})
+    log("; ".join(describe_here(r, gpu=resources.gpu > 0) for r in requested) +
+        f"; torch threads per trial: {max(1, int(resources.cpu))} (resources.cpu)")
     num_classes = prepare_datasets(todo, log)
 
     common = {"workers": resources.workers, "cpu": resources.cpu, "gpu": resources.gpu, "max_retries": max_retries,
