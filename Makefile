@@ -1,7 +1,9 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, pip):
 #   make run     creates .venv, installs the harness, runs STUDY (default: the PMG ablation)
-#   make test    creates .venv, installs the harness with its test extras, runs the test suite
-# CI (.ci/run) runs make test, then make smoke: the smoke study gated against its committed baseline.
+#   make test    creates .venv, installs the harness with its test extras, runs the test suite (all but the
+#                tests marked slow: within 5 minutes on a 2-core CPU)
+# CI (.ci/run) runs make test, make test-slow (the slow cluster and end-to-end tests), then make smoke: the smoke
+# study gated against its committed baseline.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +13,7 @@ ARGS ?=
 SMOKE_DIR ?= .smoke
 BENCH_STORE := --benchmark-storage=file://baselines/benchmarks
 
-.PHONY: install run test smoke smoke-baseline bench bench-save bench-check clean
+.PHONY: install run test test-slow smoke smoke-baseline bench bench-save bench-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +27,11 @@ run: install
 	$(BIN)/python -m harness.run $(STUDY) $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tests (marked slow: simulated multi-node clusters, killed workers and drivers, every method end to end).
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
 
 # The smoke study on a fresh run directory, judged against baselines/ci_smoke.json (exit 1 on a regression).
 smoke: install

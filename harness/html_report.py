@@ -82,6 +82,17 @@ def _device_hours(results: pd.DataFrame, resources: dict) -> tuple[pd.Series, st
     return wall / 3600 * workers * per, kind
 
 
+def precision_summary(results: pd.DataFrame) -> str:
+    """'fp32 (10 trials)', or each precision with its count and a warning when the trials mix them."""
+    if "precision" not in results or results["precision"].dropna().empty:
+        return "?"
+    counts = results["precision"].dropna().value_counts()
+    text = ", ".join(f"{p} ({n} trial{'s' if n > 1 else ''})" for p, n in counts.items())
+    requested = sorted(results["precision_requested"].dropna().unique()) if "precision_requested" in results else []
+    text += f"; asked for: {', '.join(requested)}" if requested else ""
+    return text + ("; the trials mix precisions" if len(counts) > 1 else "")
+
+
 def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str) -> list[tuple[str, str]]:
     meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     first = results.iloc[0] if len(results) else pd.Series(dtype=object)
@@ -97,6 +108,12 @@ def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str)
                 f"; cluster: {cluster.get('nodes', '?')} nodes, {cluster.get('cpus', '?')} CPUs, "
                 f"{cluster.get('gpus', '?')} GPUs {', '.join(cluster.get('gpu_types', []))}" if cluster else
                 "; no cluster started by the last run (it trained nothing)")),
+            ("precision", precision_summary(results)),
+            ("CPUs of the trials", ", ".join(sorted({f"{r['cpu_model']} ({r['cpu_capability']}, "
+                                                    f"{'bf16 units' if r['cpu_bf16'] else 'no bf16 units'}, "
+                                                    f"{r['threads']:.0f} torch threads)"
+                                                    for _, r in results.dropna(subset=["cpu_model"]).iterrows()}))
+             if "cpu_model" in results else "?"),
             ("devices of the trials", ", ".join(sorted({str(d) for d in results.get("device_name", pd.Series(dtype=str))
                                                        .dropna()})) or "?"),
             ("driver", f"{meta.get('driver_host', '?')}, peak memory {meta.get('driver_peak_rss_mb', float('nan')):.0f} MB"),
@@ -145,8 +162,8 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
     env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape(["html"]))
     page = env.get_template("report_template.html").render(
         study=study, meta=_metadata(run_dir, results, hours, kind), legend=LEGEND.replace("`", ""),
-        tables=[{"title": name or (metric if isinstance(metric, str) else ", ".join(metric)), "html": html(t)}
-                for name, (t, metric) in tables.items()],
+        tables=[{"title": name or (metric if isinstance(metric, str) else ", ".join(metric)), "html": html(t),
+                 "note": t.attrs.get("note", "")} for name, (t, metric) in tables.items()],
         localisation=[{"title": name or "localisation", "html": html(t)} for name, t in localisation.items()],
         heads=html(heads) if not heads.empty else "", plots=plots, cells=cells,
         n_images=len(cells[0]["images"]) if cells else 0, map_px=MAP_PX, protocol=protocol,

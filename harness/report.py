@@ -42,7 +42,8 @@ def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFram
     """table.md holds every table; each also as CSV and LaTeX (table.csv, or table_<name>.csv when named)."""
     md = f"# {title}\n\nTop-1 % for accuracies: {LEGEND}.\n"
     for name, (table, metric) in tables.items():
-        md += f"\n## {name or (metric if isinstance(metric, str) else ', '.join(metric))}\n\n{table.to_markdown()}\n"
+        note = f"**{table.attrs['note']}**\n\n" if table.attrs.get("note") else ""
+        md += f"\n## {name or (metric if isinstance(metric, str) else ', '.join(metric))}\n\n{note}{table.to_markdown()}\n"
         stem = f"table_{name}" if name else "table"
         atomic_write_bytes(out / f"{stem}.csv", table.to_csv().encode())
         if "stats" in table.attrs:
@@ -55,6 +56,18 @@ def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFram
         md += f"\n## Protocol: the paper's beside this run's\n\n{protocol}"
         atomic_write_bytes(out / "protocol.md", protocol.encode())
     atomic_write_bytes(out / "table.md", md.encode())
+
+
+def mixed_precision_note(results: pd.DataFrame) -> str:
+    """A warning when a table's finished trials ran in different precisions (e.g. results reused from a machine
+    with bf16 units beside new fp32 ones): its cells do not compare like with like."""
+    if "precision" not in results:
+        return ""
+    counts = results.loc[results["status"] == FINISHED, "precision"].dropna().value_counts()
+    if len(counts) < 2:
+        return ""
+    return ("cells mix precisions: " + ", ".join(f"{p} in {n} trials" for p, n in counts.items()) +
+            "; rerun the older ones with train.precision set (or a fresh --runs-dir) to compare like with like")
 
 
 def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], rows: str | None,
@@ -152,8 +165,10 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         subset = spec_subset(results, spec)
         subset_curves = curves[curves["trial_id"].isin(subset["trial_id"])] if not curves.empty else curves
         metric = spec.get("metric", "test/acc")
-        table = paper_table(subset, spec["rows"], spec.get("columns"), metric)
-        tables[name] = (add_references(table, spec.get("reference"), study.get("path", "")), metric)
+        table = add_references(paper_table(subset, spec["rows"], spec.get("columns"), metric),
+                               spec.get("reference"), study.get("path", ""))
+        table.attrs["note"] = mixed_precision_note(subset)
+        tables[name] = (table, metric)
         first_metric = metric if isinstance(metric, str) else metric[0]
         plot_dir = out / name if name else out
         plot_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,10 @@
+import atexit
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # As harness.orchestrate does before it imports Ray: test modules that import Ray themselves (and the
 # clusters they start) must use the same authentication mode as the harness processes they talk to.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# The suite touches only what it starts: its own Ray temp folder (sessions, sockets, ray_current_cluster), so a
+# study running beside it on this machine neither sees its clusters nor has its own disturbed, and its own token
+# (nothing written to ~/.ray). Every Ray the suite starts, in-process or in a subprocess, inherits both. The
+# folder is short: Ray's socket paths under it must stay within the 107 bytes of a Unix socket name.
+SUITE_RAY_TMPDIR = tempfile.mkdtemp(prefix="fgvc-ray-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = SUITE_RAY_TMPDIR
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+atexit.register(shutil.rmtree, SUITE_RAY_TMPDIR, ignore_errors=True)
+
+DEAD_CLUSTER = "127.0.0.1:9"  # nothing listens on the discard port
 
 TINY_STUDY = """
 name: tiny
@@ -50,6 +64,11 @@ def tiny_run(tmp_path_factory):
     from harness.trackers import TRACKERS, check_installed
 
     tmp = tmp_path_factory.mktemp("tiny_run")
+    # A killed run's leftover: Ray's ray_current_cluster naming a cluster that is gone. A local run must not
+    # try to join it (tests/test_integration.py::test_a_stale_ray_current_cluster_does_not_stop_a_local_run).
+    stale = Path(SUITE_RAY_TMPDIR) / "ray" / "ray_current_cluster"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text(DEAD_CLUSTER)
     study = tmp / "tiny.yaml"
     study.write_text(TINY_STUDY)
     logs = []

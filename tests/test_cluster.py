@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,8 +117,10 @@ def test_a_hung_trial_becomes_a_failed_row_with_the_reason(cluster, tiny_study, 
                          "train.epochs=3"))
 
     def training_processes() -> list[int]:
+        """This test's trial processes only: descendants of this process (the cluster's raylets are its
+        children), never another run's on the same machine."""
         out = subprocess.run(["pgrep", "-f", r"ray::ImplicitFunc\.train"], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        return [int(p) for p in out.split() if descends_from(int(p), os.getpid())]
 
     wait_for(lambda: checkpointed(run_dir, 0) and training_processes(), what="a trial in training")
     frozen = training_processes()[0]
@@ -136,6 +138,17 @@ def test_a_hung_trial_becomes_a_failed_row_with_the_reason(cluster, tiny_study, 
     assert len(failed) == 1 and failed["error"].iloc[0].startswith("TrialTimeout: still running after "
                                                                     "train.timeout_s=40 s")
     assert (results["status"] == "finished").sum() == 3
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # field 4: the parent
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
 
 
 def _unshare_works() -> bool:

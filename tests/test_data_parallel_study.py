@@ -15,7 +15,7 @@ import pytest
 from harness.data import DATASETS, load_imageset
 from harness.engine import run_trial
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 

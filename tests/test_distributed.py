@@ -84,6 +84,7 @@ def float64():
     torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [PMG, WSDAN], ids=["pmg-early-exit", "wsdan"])
 def test_two_workers_equal_one_worker(method, float64):
     """Same global batch and seed: the same parameters, BN statistics and WS-DAN centres after 2 epochs

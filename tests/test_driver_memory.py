@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 STUDY = """

@@ -22,6 +22,7 @@ def run(tiny_study, tmp_path, *extra):
                  "--num-cpus", "2", *extra])
 
 
+@pytest.mark.slow
 def test_study_with_a_diverging_trial(tiny_study, tmp_path, capsys):
     grid = ["--set", "grid.train.lr=[0.05, 1.0e+30]", "--set", "grid.method.jigsaw=[true]", "--profile", "fast"]
     assert run(tiny_study, tmp_path, *grid) == 3  # finished with failures
@@ -65,6 +66,7 @@ def test_rerun_trains_nothing_and_rebuilds_reports(tiny_study, tmp_path, capsys)
     assert (tmp_path / "rebuilt" / "table.md").exists()
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_finished_trials_and_resumes(tiny_study, tmp_path):
     """Ctrl-C (SIGINT) after the first trial: exit 130, nothing lost, the next run finishes the rest."""
     cmd = [sys.executable, "-m", "harness.run", str(tiny_study), "--runs-dir", str(tmp_path / "runs"),
@@ -93,6 +95,7 @@ def test_interrupt_keeps_finished_trials_and_resumes(tiny_study, tmp_path):
     assert all(len(json.loads((trials_dir / t / "curves.json").read_text())) == 3 for t in results["trial_id"])
 
 
+@pytest.mark.slow
 def test_every_registered_method_runs_a_tiny_study(tmp_path):
     """Each plugin, with its own defaults, trains and evaluates through real Ray on tiny data."""
     from harness.plugin import METHODS
@@ -112,3 +115,13 @@ def _study(tmp_path):
     path.write_text(TINY_STUDY.replace("grid:\n  method.stages: [1, 2]\n  method.jigsaw: [true, false]\n", "grid: {}\n")
                     .replace("table: {rows: method.stages, columns: method.jigsaw}\n", ""))
     return path
+
+
+def test_a_stale_ray_current_cluster_does_not_stop_a_local_run(tiny_run):
+    """tiny_run wrote Ray's ray_current_cluster naming a dead cluster before it ran: the local run started its own
+    Ray (address="local") instead of failing to connect, and left the file as it found it."""
+    from tests.conftest import DEAD_CLUSTER, SUITE_RAY_TMPDIR
+
+    tmp, out = tiny_run
+    assert (Path(SUITE_RAY_TMPDIR) / "ray" / "ray_current_cluster").read_text() == DEAD_CLUSTER
+    assert "Ray started locally" in out.stdout and "2 trials trained" in out.stdout, out.stdout[-2000:]

@@ -136,6 +136,7 @@ def _decode(rank: int, cache: str, params: dict, out: str) -> None:
     assert isinstance(imageset.train.images, np.memmap)
 
 
+@pytest.mark.slow
 def test_trials_starting_together_on_a_node_decode_once(tmp_path):
     params = SynthFGParams(classes=3, train_per_class=4, test_per_class=2).model_dump()
     out = tmp_path / "builds"
