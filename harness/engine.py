@@ -215,7 +215,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
               collective: Collective | None = None, threads: int | None = None) -> dict:
     """Train and evaluate one trial on this worker; returns the final metrics (last epoch's, totals,
     and `history`: per epoch). Every worker of a trial calls it with the same config."""
-    wall_start = time.perf_counter()
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
     io = io or TrialIO()
     collective = collective or Collective()
     world = collective.world_size
@@ -351,6 +351,8 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                       "train/images_per_s_rel": images_seen / max(train_time, 1e-9) / reference})
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,
                   "wall_time_s": time.perf_counter() - wall_start, "optimizer_steps": steps.count,
+                  # CPU seconds of this process (all its threads): the trial's cost, whatever else loads the machine
+                  "cpu_time_s": time.process_time() - cpu_start,
                   "params": n_params, "device": device.type, "device_name": device_name(device),
                   "precision": precision, "precision_requested": train.precision, **run_environment(),
                   "world_size": world, "num_classes": imageset.num_classes, "heads": ",".join(method.heads),

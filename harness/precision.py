@@ -5,7 +5,8 @@ device computes bf16 natively and fp32 everywhere else:
 - CUDA: bf16 where `torch.cuda.is_bf16_supported(including_emulation=False)` (Ampere and newer);
 - a CPU: bf16 where it has bf16 units (AVX512-BF16 or AMX-BF16 on x86, which torch's cpuinfo reports;
   on other architectures, where a short measured probe runs a bf16 training step faster than fp32).
-  Without them torch emulates bf16 and a ResNet step is ~20-30x slower than fp32 (an AVX2-only AMD
+  A process that torch or oneDNN keep from those units (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
+  e.g. to reproduce an AVX2 machine's run) counts as without them. Without them torch emulates bf16 and a ResNet step is ~20-30x slower than fp32 (an AVX2-only AMD
   EPYC: 22.6 s vs 0.67 s), so a default that says bf16 would make a study run for hours.
 
 An explicit `bf16` or `fp16` is honoured on any device; on a device that only emulates it the engine
@@ -19,6 +20,7 @@ of a trial holds what the study asked for (`auto`), its row holds what the devic
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import time
 from contextlib import nullcontext
@@ -56,12 +58,19 @@ def _x86_bf16_flags() -> bool | None:
     return "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
 
 
+def _onednn_allows_bf16() -> bool:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    return cap == "ALL" or "BF16" in cap or "AMX" in cap or "AVX10" in cap
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict[str, object]:
     """The CPU this process runs on: model name, torch's kernel capability (AVX2, AVX512, ...), bf16 units."""
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
-        native = bool(_x86_bf16_flags())
+        # The units must be there AND this process must use them: torch's kernels at AVX512 (ATEN_CPU_CAPABILITY
+        # can hold them at AVX2) and oneDNN's convolutions not capped below AVX512-BF16 (ONEDNN_MAX_CPU_ISA).
+        native = bool(_x86_bf16_flags()) and capability.startswith("AVX512") and _onednn_allows_bf16()
         how = "cpuinfo"
     else:  # aarch64 and others: no flag torch reports for us; measure
         native = bf16_step_ratio() > 1.05

@@ -116,3 +116,15 @@ def test_fp16_steps_go_through_a_gradient_scaler():
         steps.step(net(x).pow(2).mean())
     assert torch.allclose(nets[0].weight, nets[1].weight, atol=1e-6)
     assert scaler.get_scale() == 2.0 ** 10  # no overflow, no growth yet (that comes after 2000 good steps)
+
+
+def test_a_process_kept_from_the_bf16_units_counts_as_without_them(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (and ATEN_CPU_CAPABILITY=avx2) reproduce an AVX2 machine on one with bf16 units:
+    auto is then fp32 there too."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    precision.cpu_info.cache_clear()
+    try:
+        assert precision.cpu_info()["cpu_bf16"] is False and precision.resolve("auto", "cpu") == "fp32"
+    finally:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        precision.cpu_info.cache_clear()
