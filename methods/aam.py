@@ -1,9 +1,17 @@
 """AAM plugin: a ResNet with an attention module after each residual stage, and its losses.
 
 The chosen module (none, SE, ECA, CBAM, AAM, Residual Attention; methods/attention_modules.py) is inserted after the
-residual stages named by `placement` (backbone stage indices; default every residual stage, e.g.
-layer1..layer4 of a timm ResNet). Classification: global average pooling of the last stage and a
-linear layer. Loss (`loss`):
+residual stages named by `placement` (backbone stage indices). Default: every residual stage (layer1..layer4
+of a timm ResNet) as the AAM article; for Residual Attention the paper's stages 1-3, every residual stage but
+the last (Wang et al., Table 2: Attention x1 / x1 / x1 at 56, 28 and 14 px, none beside the last stage's 7 x 7).
+Residual Attention's mask branch pools down to the last stage's resolution, log2(reduction of the last stage /
+reduction of the module's stage) pools (`mask_pools` sets them per placed stage): 3, 2 and 1 for a ResNet's
+stages 1-3, the paper's 56 -> 7, 28 -> 7, 14 -> 7 at 224 px. Interpretation: the paper states the rule as "the
+smallest mask map is 7 x 7", which at its 224 px input is the final stage's map; at other input sizes we keep
+its topology (every module has its down/up path, 2 / 1 / 0 skips) rather than the absolute 7 x 7, which below
+224 px would leave the deeper modules without pooling. The pools do not depend on the input size, so a trial's
+`attention/params` are the parameters its forward pass uses. Classification: global average pooling of the
+last stage and a linear layer. Loss (`loss`):
 - "ce": cross-entropy;
 - "center": CE + center_weight * center loss (Wen et al., ECCV 2016): mean over the batch of
   ||f - c_y||^2 / 2 on the pooled features; the centres are not trained by SGD (no learning rate,
@@ -38,6 +46,12 @@ from harness.plugin import Method, MethodParams, OptimizerSteps, linear_cam, reg
 from methods.attention_modules import AAM, CBAM, ResidualAttention, build_attention
 
 
+def mask_pools(reductions: list[int], stage: int) -> int:
+    """Residual Attention's max pools at `stage`: down to the last stage's resolution, log2(r_last / r_stage)
+    (ResNet reductions 4, 8, 16 vs 32: 3, 2, 1)."""
+    return max(0, round(math.log2(reductions[-1] / reductions[stage])))
+
+
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
     """ECA's adaptive kernel size psi(C) = |log2(C) / gamma + b / gamma|_odd (Wang et al., CVPR 2020)."""
     t = int(abs((math.log2(channels) + b) / gamma))
@@ -53,8 +67,10 @@ class AAMParams(MethodParams):
     fusion: Literal["sum", "joint"] = Field("sum", description="AAM: F*Mc + F*Ms, or F*sigmoid(mc + ms)")
     spatial_kernel: Literal[3, 7] = Field(7, description="spatial conv of CBAM and AAM")
     reduction: int = Field(16, ge=1, description="MLP reduction r of SE and CBAM")
-    placement: list[int] | None = Field(None, description="backbone stages followed by the module "
-                                                          "(default: every stage after the stem)")
+    placement: list[int] | None = Field(None, description="backbone stages followed by the module (default: "
+                                                          "every stage after the stem; resatt: all but the last)")
+    mask_pools: list[int] | None = Field(None, description="Residual Attention: max pools of the mask branch per "
+                                                           "placed stage (default: down to the last stage's size)")
     loss: Literal["ce", "center", "cc"] = Field("cc", description="CE, CE + center loss, or CE + cross-channel loss")
     mu: float = Field(0.01, ge=0.0, description="weight of the cross-channel loss")
     eta: float = Field(10.0, ge=0.0, description="weight of the diversity term (dataset-dependent)")
@@ -93,19 +109,27 @@ class AAMNet(Method):
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: AAMParams):
         super().__init__(backbone, num_classes, params)
-        placement = params.placement or list(range(1, backbone.num_stages))
+        placement = self.placement(params, backbone.num_stages)
+        pools = params.mask_pools or [mask_pools(backbone.reductions, s) for s in placement]
         names = [n for n in backbone.body.keys() if n in (backbone._return_layers or {})]
         self.attention = nn.ModuleDict()
-        for stage in placement:  # wrap the stage's module: its output (the stage feature) is refined
+        for stage, stage_pools in zip(placement, pools):  # wrap the stage's module: its output is refined
             k = eca_kernel_size(backbone.channels[stage]) if params.k_adaptive and params.module == "eca" else params.k
             module = build_attention(params.module, backbone.channels[stage], k, params.reduction,
-                                     params.spatial_kernel, params.fusion, params.attention_learning)
+                                     params.spatial_kernel, params.fusion, params.attention_learning, stage_pools)
             self.attention[str(stage)] = module
             backbone.body[names[stage]] = nn.Sequential(backbone.body[names[stage]], module)
         channels = backbone.channels[-1]
         self.fc = nn.Linear(channels, num_classes)
         if params.loss == "center":  # a buffer: Wen et al.'s update moves it, not the optimizer
             self.register_buffer("centers", torch.zeros(num_classes, channels))
+
+    @staticmethod
+    def placement(params: AAMParams, num_stages: int) -> list[int]:
+        """The stages followed by a module: `placement`, else every stage after the stem (resatt: but the last)."""
+        if params.placement is not None:
+            return list(params.placement)
+        return list(range(1, num_stages - 1 if params.module == "resatt" else num_stages))
 
     @classmethod
     def validate_with(cls, params: AAMParams, num_stages: int) -> None:
@@ -114,6 +138,11 @@ class AAMNet(Method):
         bad = [s for s in params.placement or [] if not 0 <= s < num_stages]
         if bad:
             raise ValueError(f"method.placement {bad}: stages are 0..{num_stages - 1} for this backbone")
+        if params.mask_pools is not None:
+            placed = cls.placement(params, num_stages)
+            if len(params.mask_pools) != len(placed) or any(p < 0 for p in params.mask_pools):
+                raise ValueError(f"method.mask_pools {params.mask_pools}: one count >= 0 per placed stage "
+                                 f"{placed}")
 
     def extra_metrics(self) -> dict[str, float]:
         return {"attention/params": float(sum(p.numel() for p in self.attention.parameters()))}

@@ -12,14 +12,18 @@ its input's shape.
   neighbouring channels of the global MAX-pooled vector), spatial attention Ms = sigmoid(conv of
   [mean, max] over channels, 7x7 or 3x3). Interpretation of the fusion (a parameter):
   "sum": F' = F * Mc + F * Ms (default); "joint": F' = F * sigmoid(mc + ms) on the pre-sigmoid maps.
-- Residual Attention (Wang et al., CVPR 2017), one attention module {p=1, t=2, r=1} of the paper:
-  p pre-activation residual units, then a trunk T (t units) and a soft mask M from the same input,
-  combined as (1 + M) * T (attention residual learning, "arl") or M * T (naive, "nal", the paper's
-  ablation), then p units. The mask branch is bottom-up top-down: 3x3/2 max pools with r units each
-  until the map would fall below `min_size` (7, as the paper keeps 7x7 at its lowest; at most
-  `max_pools`), 2r units at the lowest resolution, then bilinear upsampling back step by step, each
-  joined by a residual unit on the bottom-up map of that scale (the skips; none at the input scale),
-  then BN-ReLU-1x1-BN-ReLU-1x1 and a sigmoid (the "mixed" activation). Sizes come from the tensors,
+- Residual Attention (Wang et al., CVPR 2017), one attention module {p=1, t=2, r=1} of the paper, as the
+  authors' Attention-56 prototxt builds it: p pre-activation residual units, then a trunk T (t units) and a
+  soft mask M tapped from the same input, combined as (1 + M) * T (attention residual learning, "arl") or
+  M * T (naive, "nal", the paper's ablation), then p units. The mask branch is bottom-up top-down with
+  `pools` 3x3/2 max pools: after each pool but the last, r units; after the last, 2r units (the lowest
+  resolution: res3_1, res3_2 in the prototxt's stage-1 module); then, going back up one scale at a time,
+  bilinear upsampling to that scale plus a skip residual unit on the bottom-up map of that scale, then r
+  units (no skip at the input scale: a module with P pools has P - 1 skips, 2 / 1 / 0 in the paper's three
+  stages); a last upsampling to the input's size; then BN-ReLU-1x1 conv-BN-ReLU-1x1 conv (both without bias,
+  as the prototxt's linear_1 and linear_2) and a sigmoid (the "mixed" activation). With 0 pools the mask is
+  2r units at the input scale (the local-convolution variant of the paper's Table 4). Only the units the
+  pools use are built, so every parameter takes part in every forward pass. Sizes come from the tensors,
   so any input size works. Units are pre-activation bottlenecks with the module's channel count.
 """
 
@@ -135,39 +139,37 @@ def attention_residual(trunk: torch.Tensor, mask: torch.Tensor, learning: str = 
 
 
 class ResidualAttention(nn.Module):
-    def __init__(self, channels: int, learning: str = "arl", p: int = 1, t: int = 2, r: int = 1,
-                 min_size: int = 7, max_pools: int = 4):
+    def __init__(self, channels: int, learning: str = "arl", pools: int = 1, p: int = 1, t: int = 2, r: int = 1):
         super().__init__()
         if learning not in ("arl", "nal"):
             raise ValueError(f"residual attention learning must be arl or nal, got {learning!r}")
-        self.learning, self.min_size, self.max_pools = learning, min_size, max_pools
+        if pools < 0:
+            raise ValueError(f"residual attention pools must be >= 0, got {pools}")
+        self.learning, self.pools = learning, pools
         self.pre, self.trunk, self.post = _units(channels, p), _units(channels, t), _units(channels, p)
-        self.down = nn.ModuleList(_units(channels, r) for _ in range(max_pools))
-        self.skips = nn.ModuleList(ResidualUnit(channels) for _ in range(max_pools - 1))
-        self.up = nn.ModuleList(_units(channels, r) for _ in range(max_pools - 1))
-        self.bottom = _units(channels, 2 * r)
-        self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1),
-                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1))
-
-    def pools_for(self, size: int) -> int:
-        """Max pools for an input of `size`: halve while the result stays >= min_size (56 -> 3, 28 -> 2, 14 -> 1)."""
-        pools = 0
-        while pools < self.max_pools and size // 2 >= self.min_size:
-            size, pools = (size + 1) // 2, pools + 1
-        return pools
+        levels = max(pools - 1, 0)  # pooled scales above the lowest: r units down, a skip, r units up each
+        self.down = nn.ModuleList(_units(channels, r) for _ in range(levels))
+        self.skips = nn.ModuleList(ResidualUnit(channels) for _ in range(levels))
+        self.up = nn.ModuleList(_units(channels, r) for _ in range(levels))
+        self.bottom = _units(channels, 2 * r)  # the lowest resolution: 2r units
+        self.head = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+                                  nn.Conv2d(channels, channels, 1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+                                  nn.Conv2d(channels, channels, 1, bias=False))
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The soft mask M(x) in (0, 1), shaped like x."""
-        pools = self.pools_for(min(x.shape[-2:]))
-        maps, y = [x], x
-        for level in range(pools):
-            y = self.down[level](F.max_pool2d(y, 3, stride=2, padding=1))
+        maps, y = [], x  # maps[j]: the bottom-up map after pool j + 1
+        for level in range(self.pools):
+            y = F.max_pool2d(y, 3, stride=2, padding=1)
+            y = self.down[level](y) if level < self.pools - 1 else self.bottom(y)
             maps.append(y)
-        y = self.bottom(y)
-        for level in range(pools - 1, 0, -1):  # back up to the first pooled scale, joining each skip
+        if not self.pools:
+            y = self.bottom(x)
+        for level in range(self.pools - 2, -1, -1):  # back up to the first pooled scale, joining each skip
             y = F.interpolate(y, size=maps[level].shape[-2:], mode="bilinear", align_corners=False)
-            y = self.up[level - 1](y + self.skips[level - 1](maps[level]))
-        if pools:
+            y = self.up[level](y + self.skips[level](maps[level]))
+        if self.pools:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return torch.sigmoid(self.head(y))
 
@@ -177,7 +179,7 @@ class ResidualAttention(nn.Module):
 
 
 def build_attention(kind: str, channels: int, k: int = 3, reduction: int = 16, kernel_size: int = 7,
-                    fusion: str = "sum", learning: str = "arl") -> nn.Module:
+                    fusion: str = "sum", learning: str = "arl", pools: int = 1) -> nn.Module:
     if kind == "none":
         return nn.Identity()
     if kind == "se":
@@ -189,5 +191,5 @@ def build_attention(kind: str, channels: int, k: int = 3, reduction: int = 16, k
     if kind == "aam":
         return AAM(channels, k, kernel_size, fusion)
     if kind == "resatt":
-        return ResidualAttention(channels, learning)
+        return ResidualAttention(channels, learning, pools)
     raise ValueError(f"unknown attention module {kind!r}: choose none, se, eca, cbam, aam or resatt")

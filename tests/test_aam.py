@@ -106,3 +106,27 @@ def test_eca_adaptive_kernel_size_from_channels():
     assert [eca_kernel_size(c) for c in (64, 128, 256, 512, 2048)] == [3, 5, 5, 5, 7]
     model = make(module="eca", k_adaptive=True)
     assert [model.attention[s].conv.kernel_size[0] for s in ("1", "2", "3", "4")] == [3, 5, 5, 5]
+
+
+def test_residual_attention_in_stages_1_to_3_with_the_paper_pools():
+    """The paper's layout: modules after stages 1-3 (none after the last), pooling down to the last stage's size:
+    3, 2 and 1 pools at a ResNet's strides 4, 8 and 16 (56 -> 7, 28 -> 7, 14 -> 7 at 224 px)."""
+    model = make(module="resatt", loss="ce")
+    assert list(model.attention) == ["1", "2", "3"]
+    assert [model.attention[s].pools for s in ("1", "2", "3")] == [3, 2, 1]
+    explicit = make(module="resatt", placement=[2, 4], mask_pools=[1, 0])
+    assert list(explicit.attention) == ["2", "4"] and [m.pools for m in explicit.attention.values()] == [1, 0]
+    with pytest.raises(ValueError, match="mask_pools"):
+        make(module="resatt", mask_pools=[3, 2])  # three placed stages, two counts
+
+
+@pytest.mark.parametrize("size", [32, 64, 112])
+def test_residual_attention_params_are_what_it_adds_at_inference(size):
+    """attention/params = the parameters a forward pass uses over the same backbone without a module, at any size."""
+    from harness.complexity import inference_complexity
+
+    for learning in ("arl", "nal"):
+        with_module, plain = make(module="resatt", attention_learning=learning), make(module="none")
+        added = inference_complexity(with_module, size)["inference/params"] - \
+            inference_complexity(plain, size)["inference/params"]
+        assert with_module.extra_metrics()["attention/params"] == added > 0

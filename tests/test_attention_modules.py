@@ -91,20 +91,54 @@ def test_residual_attention_arl_is_the_trunk_when_the_mask_is_zero():
     torch.testing.assert_close(attention_residual(trunk, mask, "arl"), trunk + mask * trunk)
 
 
-def test_residual_attention_module_shapes_pools_and_mask_range():
+def count_units(module):
+    from methods.attention_modules import ResidualUnit
+
+    return sum(isinstance(m, ResidualUnit) for m in module.modules())
+
+
+def test_residual_attention_builds_the_prototxt_units():
+    """Attention-56's stage-1 module (3 pools): pre 1, trunk 2, post 1; mask: 1 unit after pools 1 and 2, 2 at the
+    lowest resolution (res3_1, res3_2), skips at the two pooled scales above it, 1 unit back up at each:
+    2 + 2 + 2 + 2 = 8 mask units. Stage 2 (2 pools): 1 + 2 + 1 + 1 = 5; stage 3 (1 pool): 2, no skip."""
     from methods.attention_modules import ResidualAttention
 
-    module = ResidualAttention(16).eval()
-    assert [module.pools_for(s) for s in (56, 28, 14, 7, 4)] == [3, 2, 1, 0, 0]  # the paper's 3 / 2 / 1
-    for size in (28, 16, 7):
-        x = torch.randn(2, 16, size, size)
-        with torch.no_grad():
-            m = module.mask(x)
-            assert m.shape == x.shape and m.min() > 0 and m.max() < 1
-            assert module(x).shape == x.shape
+    for pools, mask_units, skips in ((3, 8, 2), (2, 5, 1), (1, 2, 0), (0, 2, 0)):
+        module = ResidualAttention(16, pools=pools)
+        assert count_units(module) == 4 + mask_units and len(module.skips) == skips, pools
+        assert len(module.bottom) == 2  # 2r at the lowest resolution, r = 1
+    head_convs = [m for m in ResidualAttention(16).head if isinstance(m, torch.nn.Conv2d)]
+    assert len(head_convs) == 2 and all(c.bias is None for c in head_convs)  # linear_1, linear_2: no bias
+
+
+@pytest.mark.parametrize("pools", [0, 1, 2, 3])
+def test_residual_attention_uses_every_parameter_it_builds(pools):
+    """Every parameter takes part in a forward pass and gets a gradient, at a small and a large input."""
+    from methods.attention_modules import ResidualAttention
+
+    module = ResidualAttention(16, pools=pools)
+    for size in (6, 28):
+        module.zero_grad(set_to_none=True)
+        module(torch.randn(2, 16, size, size)).square().mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), (pools, size)
+
+
+def test_residual_attention_module_shapes_and_mask_range():
+    from methods.attention_modules import ResidualAttention
+
+    for pools in (0, 1, 3):
+        module = ResidualAttention(16, pools=pools).eval()
+        for size in (28, 16, 7, 2):
+            x = torch.randn(2, 16, size, size)
+            with torch.no_grad():
+                m = module.mask(x)
+                assert m.shape == x.shape and m.min() > 0 and m.max() < 1
+                assert module(x).shape == x.shape
+    module = ResidualAttention(16, pools=2).eval()
     with torch.no_grad():  # a zero mask-head makes M = 0.5 everywhere: output = post(1.5 * trunk(pre(x)))
-        for p in module.head[-1].parameters():
-            p.zero_()
+        module.head[-1].weight.zero_()
         x = torch.randn(1, 16, 14, 14)
         pre = module.pre(x)
         torch.testing.assert_close(module(x), module.post(1.5 * module.trunk(pre)))
+    with pytest.raises(ValueError, match="arl or nal"):
+        ResidualAttention(16, learning="both")
