@@ -372,16 +372,23 @@ def fixed_image_maps(method: Method, imageset: ImageSet, size: int, count: int, 
 
 
 def best_epochs(history: list[dict]) -> dict[str, float]:
-    """The best test accuracy over the evaluated epochs and the epoch it came from, for the primary head
-    (`test/acc_best`, `best_epoch`) and every head (`test/acc_best/<head>`, `best_epoch/<head>`): what the
-    PMG and WS-DAN authors report, where `test/acc` stays the last epoch's. Ties go to the earliest epoch."""
-    out: dict[str, float] = {}
-    keys = sorted({k for h in history for k in h if k == "test/acc" or k.startswith("test/acc/")})
-    for key in keys:
-        evaluated = [(h[key], h["epoch"]) for h in history if key in h]
-        value, epoch = max(evaluated, key=lambda ve: (ve[0], -ve[1]))
-        suffix = key.removeprefix("test/acc")  # "" or "/<head>"
-        out[f"test/acc_best{suffix}"], out[f"best_epoch{suffix}"] = value, epoch
+    """The best evaluated epoch of the primary head (`best_epoch`, its accuracy `test/acc_best`) and every head's
+    accuracy at that same epoch (`test/acc_best/<head>`, `best_epoch/<head>` = `best_epoch`), so one row's head
+    columns all come from one model, as the PMG and WS-DAN authors report theirs (`test/acc` stays the last
+    epoch's). Each head's own best over the epochs is kept apart: `test/acc_best_own/<head>` and
+    `best_epoch_own/<head>`. Ties go to the earliest epoch."""
+    evaluated = [h for h in history if "test/acc" in h]
+    if not evaluated:
+        return {}
+    best = max(evaluated, key=lambda h: (h["test/acc"], -h["epoch"]))
+    out: dict[str, float] = {"test/acc_best": best["test/acc"], "best_epoch": best["epoch"]}
+    heads = sorted({k.removeprefix("test/acc/") for h in evaluated for k in h if k.startswith("test/acc/")})
+    for head in heads:
+        key = f"test/acc/{head}"
+        if key in best:
+            out[f"test/acc_best/{head}"], out[f"best_epoch/{head}"] = best[key], best["epoch"]
+        own = max((h for h in evaluated if key in h), key=lambda h: (h[key], -h["epoch"]))
+        out[f"test/acc_best_own/{head}"], out[f"best_epoch_own/{head}"] = own[key], own["epoch"]
     return out
 
 

@@ -80,9 +80,11 @@ def test_best_epoch_of_a_made_up_history():
                {"epoch": 2, "train/loss": 1.0},  # not evaluated (eval_every)
                {"epoch": 3, "test/acc": 0.5, "test/acc/a": 0.3, "test/acc/b": 0.4},
                {"epoch": 4, "test/acc": 0.4, "test/acc/a": 0.2, "test/acc/b": 0.6}]
+    # Every head at the primary head's best epoch (3); each head's own best apart (a's tie: the earliest epoch).
     assert best_epochs(history) == {"test/acc_best": 0.5, "best_epoch": 3,
-                                    "test/acc_best/a": 0.3, "best_epoch/a": 1,  # a tie: the earliest epoch
-                                    "test/acc_best/b": 0.6, "best_epoch/b": 4}
+                                    "test/acc_best/a": 0.3, "best_epoch/a": 3, "test/acc_best/b": 0.4, "best_epoch/b": 3,
+                                    "test/acc_best_own/a": 0.3, "best_epoch_own/a": 1,
+                                    "test/acc_best_own/b": 0.6, "best_epoch_own/b": 4}
     assert best_epochs([]) == {}
 
 
