@@ -9,7 +9,7 @@ from harness.backbones import BackboneConfig, build_backbone
 from harness.engine import build_optimizer
 from harness.plugin import OptimizerSteps
 from harness.study import TrainConfig
-from methods.gain import GAIN, GAINParams, box_masks, erase, gradcam, normalise_map, soft_mask
+from methods.gain import GAIN, GAINParams, box_masks, erase, external_loss, gradcam, normalise_map, soft_mask
 
 
 def test_soft_mask_and_erased_image():
@@ -70,3 +70,40 @@ def test_training_step_losses(external):
     assert 0 <= out["loss/am"] <= 1 and steps.count == 1
     bn = model.backbone.body.bn1
     assert bn.training  # the erased pass froze BatchNorm only while it ran
+
+
+def test_external_loss_leaves_out_unsupervised_and_cropped_away_images():
+    """L_e = (1/B) sum over supervised images that still have a box of mean (A - H)^2."""
+    boxes = torch.tensor([[[0.0, 0.0, 2.0, 2.0]],       # 4 of 16 pixels
+                          [[1.0, 1.0, 3.0, 4.0]],       # 6 of 16
+                          [[-1.0, -1.0, -1.0, -1.0]],   # its box was cropped away: no target
+                          [[0.0, 0.0, 4.0, 4.0]]])      # supervised? no (below)
+    zero = torch.zeros(4, 1, 4, 4)
+    every = torch.tensor([True, True, True, False])
+    torch.testing.assert_close(external_loss(zero, boxes, every), torch.tensor((4 / 16 + 6 / 16) / 4))
+    exact = box_masks(boxes, (4, 4))
+    assert external_loss(exact, boxes, torch.ones(4, dtype=torch.bool)) == 0  # A = H: nothing to learn
+    ones = torch.ones(4, 1, 4, 4)  # the empty target of image 2 would have cost 1; it is left out
+    torch.testing.assert_close(external_loss(ones, boxes, torch.ones(4, dtype=torch.bool)),
+                               torch.tensor((12 / 16 + 10 / 16 + 0 / 16) / 4))
+    assert external_loss(ones, boxes, torch.zeros(4, dtype=torch.bool)) == 0
+
+
+def test_ext_fraction_draws_the_supervised_share_from_the_method_generator():
+    torch.manual_seed(0)
+    boxes = torch.tensor([[[4.0, 4.0, 20.0, 20.0]]]).repeat(8, 1, 1)
+    images, labels = torch.rand(1, 3, 32, 32).repeat(8, 1, 1, 1), torch.zeros(8, dtype=torch.long)  # 8 alike
+
+    def loss_e(fraction, seed):
+        torch.manual_seed(0)
+        model = GAIN(build_backbone(BackboneConfig(name="resnet18")), 4,
+                     GAINParams(external=True, alpha=0.0, ext_fraction=fraction)).train()
+        steps = OptimizerSteps(build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.0)))  # L_e is before the step
+        return model.training_step(images, labels, steps, torch.Generator().manual_seed(seed), boxes=boxes)["loss/e"]
+
+    full = loss_e(1.0, 0)
+    share = (torch.rand(8, generator=torch.Generator().manual_seed(1)) < 0.5).float().mean().item()
+    assert 0 < share < 1  # seed 1 supervises some of the 8 images, not all
+    # Eight identical images have identical maps and errors: L_e is the full one times the supervised share.
+    assert full > 0 and loss_e(0.5, 1) == pytest.approx(full * share, rel=1e-5)
+    assert GAINParams().ext_fraction == pytest.approx(1464 / 10582, abs=1e-3)
