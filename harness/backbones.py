@@ -11,12 +11,15 @@ from pathlib import Path
 
 import timm
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
+from harness.schema import ConfigModel
 
-class BackboneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+class BackboneConfig(ConfigModel):
+    """Strict (harness.schema): unknown keys, inf/NaN and loosely typed ints or bools are errors."""
+
     name: str = Field("resnet18", description="any timm model that supports features_only; with pretrained "
                                               "weights, name them: resnet50.tv_in1k, not resnet50")
     pretrained: bool | str = Field(False, description="false: random init; true: the hub weights of the tagged "

@@ -9,19 +9,20 @@ from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from harness.backbones import StagedBackbone
 from harness.distributed import Collective
 from harness.registry import Registry
+from harness.schema import ConfigModel
 
 
-class MethodParams(BaseModel):
-    """Base of every method's parameter schema: unknown keys are errors. `name` is set by the registry
-    (`@register_method("pmg")`: written once); `backbone_lr_scale` is every method's."""
+class MethodParams(ConfigModel):
+    """Base of every method's parameter schema: unknown keys, inf/NaN and loosely typed ints or bools are errors
+    (harness.schema). `name` is set by the registry (`@register_method("pmg")`: written once); `backbone_lr_scale`
+    is every method's."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = ""
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="backbone lr = train.lr x this")
 

@@ -12,6 +12,10 @@ from pydantic import BaseModel, ValidationError
 from harness.registry import did_you_mean
 
 
+class StudyError(ValueError):
+    """An invalid study file, profile or override. Nothing has been started."""
+
+
 def line_map(text: str) -> dict[tuple, int]:
     """Dotted key path (as a tuple) -> 1-based line, from the YAML node tree."""
     lines: dict[tuple, int] = {}
@@ -89,7 +93,8 @@ def format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple, w
             allowed = _allowed(field_model, str(e["loc"][-1])) if isinstance(field_model, type) and \
                 issubclass(field_model, BaseModel) else ""
             got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
-            messages.append(f"{at}{dotted}: {e['msg']}{got}" + (f"; {allowed}" if allowed else ""))
+            msg = e["msg"].removeprefix("Value error, ")
+            messages.append(f"{at}{dotted}: {msg}{got}" + (f"; {allowed}" if allowed else ""))
     return "\n".join(messages)
 
 

@@ -12,7 +12,9 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -22,7 +24,8 @@ from harness.backbones import BackboneConfig
 from harness.data import DATASETS, DatasetParams
 from harness.plugin import METHODS, MethodParams
 from harness.registry import did_you_mean
-from harness.study import SECTIONS_IN_GRID, ReportConfig, Study, StudyError, TrainConfig, get_dotted, set_dotted
+from harness.study import (MAX_TRIALS, SECTIONS_IN_GRID, ReportConfig, Study, StudyError, TrainConfig, get_dotted,
+                           set_dotted)
 from harness.study_errors import Where, format_errors
 
 
@@ -110,10 +113,25 @@ def identity_config(config: dict) -> dict:
     what old identities compute, and must come with a MATH_VERSION bump (tests/test_identity.py guards it)."""
     out: dict = {"seed": config["seed"]}
     for section, model in _section_models(config).items():
-        defaults, neutral = schema_defaults(model), IDENTITY_NEUTRAL.get(section, set())
-        out[section] = {k: v for k, v in config[section].items()
-                        if k == "name" or (k not in neutral and (k not in defaults or _json(v) != defaults[k]))}
+        out[section] = dict(_identity_section(section, model, config[section]))
     return out
+
+
+_IDENTITY_SECTIONS: dict[tuple, dict] = {}
+
+
+def _identity_section(section: str, model: type[BaseModel], values: dict) -> dict:
+    """The non-default settings of one section, remembered by its JSON (a grid's trials share most sections)."""
+    key = (section, model, _json(values))
+    found = _IDENTITY_SECTIONS.get(key)
+    if found is None:
+        defaults, neutral = schema_defaults(model), IDENTITY_NEUTRAL.get(section, set())
+        found = {k: v for k, v in values.items()
+                 if k == "name" or (k not in neutral and (k not in defaults or _json(v) != defaults[k]))}
+        if len(_IDENTITY_SECTIONS) > 50_000:
+            _IDENTITY_SECTIONS.clear()
+        _IDENTITY_SECTIONS[key] = found
+    return found
 
 
 def trial_identity(config: dict) -> str:
@@ -187,20 +205,29 @@ def section_label(value: dict) -> str:
     return str(value.get("label") or value["name"])
 
 
-def _validate_sections(config: dict, where: Where, context: str) -> dict:
+def _validate_sections(config: dict, where: Where, context: str, seen: dict | None = None) -> dict:
+    """Each section validated into its resolved JSON form. `seen` remembers sections already validated (a grid's
+    trials share most of theirs): a 10,000-trial grid validates each distinct section once."""
+    seen = {} if seen is None else seen
     out = {}
     models = _section_models(config)
     for section, model in models.items():
+        key = (section, model, _json(config[section]))
+        if key not in seen:
+            try:
+                seen[key] = json.dumps(model.model_validate(config[section]).model_dump(mode="json"))
+            except ValidationError as e:
+                raise StudyError(format_errors(e, model, (section,), where) + context) from None
+        out[section] = json.loads(seen[key])  # a fresh copy per trial
+    key = ("validate_with", _json(out["method"]), _json(out["backbone"]))
+    if key not in seen:
+        method_cls = METHODS.get(out["method"]["name"])
         try:
-            out[section] = model.model_validate(config[section]).model_dump(mode="json")
-        except ValidationError as e:
-            raise StudyError(format_errors(e, model, (section,), where) + context) from None
-    method_cls = METHODS.get(out["method"]["name"])
-    try:
-        method_cls.validate_with(method_cls.Params.model_validate(out["method"]),
-                                 backbone_num_stages(json.dumps(out["backbone"], sort_keys=True)))
-    except ValueError as e:
-        raise StudyError(f"{where.at(('method',))}{e}{context}") from None
+            method_cls.validate_with(method_cls.Params.model_validate(out["method"]),
+                                     backbone_num_stages(json.dumps(out["backbone"], sort_keys=True)))
+        except ValueError as e:
+            raise StudyError(f"{where.at(('method',))}{e}{context}") from None
+        seen[key] = True
     return out
 
 
@@ -212,7 +239,37 @@ def _axis_value(config: dict, axis: str) -> Any:
         return None
 
 
-def resolve(study: Study, where: Where) -> ResolvedStudy:
+def count_trials(study: Study) -> int:
+    """Trials the study expands to at most (grid cells x seeds, summed over named grids), without expanding it."""
+    named = dict(study.grids) or {"": study.grid}
+    return sum(math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values()) for grid in named.values()) \
+        * len(set(study.seeds))
+
+
+def _check_reference(table, at: str, study: Study) -> None:
+    """A table's paper numbers are read when the report is written, after training: check them now."""
+    import pandas as pd
+
+    path = Path(table.reference.file)
+    if not path.is_absolute():
+        path = Path(study.path).parent / "references" / path
+    try:
+        paper = pd.read_csv(path, nrows=100_000)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise StudyError(f"{at}reference file {path}: cannot read it as CSV ({type(e).__name__}: {e})") from None
+    missing = [c for c in ("setting", "value") if c not in paper.columns]
+    if missing:
+        raise StudyError(f"{at}reference file {path}: no column {', '.join(missing)} (it needs setting, value)")
+    settings = set(paper["setting"].astype(str))
+    for cell in table.reference.cells:
+        if cell.setting not in settings:
+            raise StudyError(f"{at}reference file {path}: no row with setting {cell.setting!r}")
+    values = pd.to_numeric(paper["value"], errors="coerce")
+    if not values.map(math.isfinite).all():
+        raise StudyError(f"{at}reference file {path}: every value must be a finite number")
+
+
+def resolve(study: Study, where: Where, max_trials: int = MAX_TRIALS, on_count=None) -> ResolvedStudy:
     base = {
         "method": study.method.model_dump(),
         "dataset": study.dataset.model_dump(),
@@ -240,13 +297,24 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
                 if axis not in table_axes and axis != "seed":
                     raise StudyError(f"{where.at(at + (role,))}table.{role} '{axis}' is not a grid axis "
                                      f"(grid axes: {', '.join(table_axes) or 'none'})")
+        if table.reference:
+            _check_reference(table, where.at(at + ("reference",)), study)
+    count = count_trials(study)
+    if count > max_trials:
+        raise StudyError(f"{where.at(('grids',) if study.grids else ('grid',))}the grid expands to {count:,} trials "
+                         f"(grid cells x {len(set(study.seeds))} seeds), more than the limit of {max_trials:,}; "
+                         "narrow the grid, or raise the limit with --max-trials N if you mean it")
+    if on_count is not None:
+        on_count(count)
 
     trials: list[TrialSpec] = []
     by_id: dict[str, TrialSpec] = {}
+    seen: dict = {}
     for name, grid in named.items():
         grid_axes = list(grid)
         for combo in itertools.product(*(grid[a] for a in grid_axes)):
-            config = copy.deepcopy(base)
+            # An axis sets one key of a section, or a whole section: a copy of each section is enough.
+            config = {section: dict(values) for section, values in base.items()}
             labels = {}
             for axis, value in zip(grid_axes, combo):
                 if axis in WHOLE_SECTIONS:
@@ -255,7 +323,7 @@ def resolve(study: Study, where: Where) -> ResolvedStudy:
                 set_dotted(config, axis, value)
             context = (f"\n  (in the trial with {', '.join(f'{a}={v!r}' for a, v in zip(grid_axes, combo))})"
                        if grid_axes else "")
-            resolved = _validate_sections(config, where.in_grid(), context)
+            resolved = _validate_sections(config, where.in_grid(), context, seen)
             workers, batch = study.resources.workers, resolved["train"]["batch_size"]
             if batch % workers:
                 raise StudyError(f"{where.at(('train', 'batch_size'))}train.batch_size={batch} does not divide by "

@@ -25,20 +25,21 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from harness._atomic import atomic_write
 from harness.data.imageset import ImageSet, Split
 from harness.registry import Registry
+from harness.schema import ConfigModel
 
 # Bump when a change alters the pixels a dataset family produces, so stale caches are not reused.
 DATA_VERSION = 2  # 2: synthfg records each class's discriminative parts
 
 
-class DatasetParams(BaseModel):
-    """Base of every dataset family's parameters: unknown keys are errors; `name` is set by the registry."""
+class DatasetParams(ConfigModel):
+    """Base of every dataset family's parameters: unknown keys, inf/NaN and loosely typed ints or bools are errors
+    (harness.schema); `name` is set by the registry."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = ""
 
 
