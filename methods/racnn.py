@@ -27,7 +27,21 @@ Interpretations (each a parameter with this default):
   (the paper pre-trains it; how long is not stated), then learns from the ranking loss;
 - the APN's first FC sees the last stage average-pooled to `apn_pool` x `apn_pool` (a VGG conv5_4 of
   14 x 14 x 512 flattened, as the paper's, would need 100 M weights at 448 px);
-- `zoom_size`: the attended region's input size (the paper: 224 for 448 inputs); default the input's.
+- `zoom_size`: the attended region's input size (the paper: 224 for 448 inputs); default the input's;
+- `classifier`: "linear" (global average pooling of the last stage and one linear layer, for backbones
+  without fully connected layers, the default on the embedded data) or "vgg_fc", the paper's: each scale's
+  VGG-19 goes on through pool5 and its own copy of the ImageNet fc6 and fc7 (dropout 0.5, as VGG), run
+  as convolutions over the map and averaged (VGG's own dense evaluation: at the 224 px regions pool5 is
+  7 x 7 and fc6 sees exactly what it was trained on; at the 448 px scale 1 it slides over 14 x 14), then a
+  new fc8; the fused descriptors are the fc7 vectors. `fc_pretrained` takes fc6/fc7 from timm's pretrained
+  model of the backbone's name and tag (the same weights file as the backbone's);
+- `apn_pretrain`: "first" is the paper's step 2: the first `apn_init_batches` batches train only the APNs
+  (the classification networks stay as initialised from ImageNet), then the alternation starts;
+  "interleaved" (default, for the from-scratch embedded setting, where an untrained network's highest
+  response means nothing) trains the classification networks from the first batch and regresses the
+  APNs beside them. The paper gives no pre-training length; a PyTorch re-implementation
+  (jeong-tae/RACNN-pytorch, trainer.py pretrainAPN) runs 20,000 iterations of batch 4 (80,000 images,
+  about 13 epochs of CUB): the paper profile's 5,000 batches of 16.
 Without the ranking loss (the ablation) the APNs keep their initialisation.
 """
 
@@ -57,6 +71,11 @@ class RACNNParams(MethodParams):
     apn_hidden: int = Field(1024, ge=1, description="width of the APN's first fully connected layer")
     apn_pool: int = Field(4, ge=1, description="the APN sees the last stage pooled to this x this")
     apn_init_batches: int = Field(20, ge=0, description="batches the APN regresses the highest-response square")
+    apn_pretrain: Literal["interleaved", "first"] = Field("interleaved", description="during those batches: also "
+                                                           "train the classifiers, or the APNs only (paper)")
+    classifier: Literal["linear", "vgg_fc"] = Field("linear", description="GAP + linear, or VGG's fc6/fc7 + a new "
+                                                                          "fc8 (paper)")
+    fc_pretrained: bool = Field(True, description="vgg_fc: fc6/fc7 from the backbone's pretrained weights")
 
 
 def boxcar_mask(boxes: torch.Tensor, size: int, k: float) -> torch.Tensor:
@@ -116,6 +135,38 @@ class APN(nn.Module):
         return torch.stack([tx, ty, tl], 1)
 
 
+def vgg_fc_layers(backbone: StagedBackbone, pretrained: bool = True) -> nn.Module:
+    """VGG's fc6 and fc7 as timm holds them (ConvMlp: fc6 a 7 x 7 convolution, fc7 a 1 x 1 one, ReLU each,
+    dropout 0.5 after fc6), from the same timm model as the backbone (its architecture and weights tag)."""
+    import timm
+
+    cfg = getattr(backbone.body, "pretrained_cfg", None) or {}
+    arch, tag = cfg.get("architecture", ""), cfg.get("tag", "")
+    if not arch.startswith("vgg"):
+        raise ValueError(f"method.classifier: vgg_fc needs a VGG backbone (vgg19.tv_in1k as the paper), not "
+                         f"{arch or type(backbone.body).__name__}; use classifier: linear")
+    overlay = {"file": cfg["file"]} if cfg.get("file") else {}
+    model = timm.create_model(f"{arch}.{tag}" if tag else arch, pretrained=pretrained, drop_rate=0.5,
+                              **({"pretrained_cfg_overlay": overlay} if overlay else {}))
+    return model.pre_logits
+
+
+class DenseFC(nn.Module):
+    """pool5 (when the backbone stops at conv5), fc6 and fc7 run densely, averaged: (B, C, h, w) -> (B, 4096)."""
+
+    def __init__(self, fc: nn.Module, pool: bool):
+        super().__init__()
+        self.fc, self.pool = fc, pool
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(features, 2, 2) if self.pool else features  # VGG's pool5
+        kernel = self.fc.fc1.kernel_size[0]
+        if min(x.shape[-2:]) < kernel:
+            raise ValueError(f"method.classifier: vgg_fc's fc6 reads {kernel} x {kernel} pool5 maps; this input "
+                             f"gives {tuple(x.shape[-2:])} (VGG needs inputs of at least 224 px)")
+        return self.fc(x).mean((2, 3))
+
+
 @register_method("racnn")
 class RACNN(Method):
     Params = RACNNParams
@@ -126,14 +177,22 @@ class RACNN(Method):
 
     def __init__(self, backbone: StagedBackbone, num_classes: int, params: RACNNParams):
         super().__init__(backbone, num_classes, params)
-        channels = backbone.channels[-1]
+        channels = width = backbone.channels[-1]  # the APNs read the last stage; the classifiers its descriptor
         # Scale 1 is the backbone; scales 2 and 3 copies of it: separate weights, the same initialisation.
         self.extra_nets = nn.ModuleList(copy.deepcopy(backbone) for _ in range(params.scales - 1))
-        self.classifiers = nn.ModuleList(nn.Linear(channels, num_classes) for _ in range(params.scales))
+        self.dense_fc = None
+        if params.classifier == "vgg_fc":  # each scale its own fc6/fc7 from the same ImageNet weights
+            fc = vgg_fc_layers(backbone, params.fc_pretrained)
+            pool = not isinstance(backbone.stage_module(-1)[0], (nn.MaxPool2d, nn.AdaptiveMaxPool2d))
+            self.dense_fc = nn.ModuleList(DenseFC(copy.deepcopy(fc), pool) for _ in range(params.scales))
+            width = fc.fc2.out_channels  # fc7: 4096
+        self.classifiers = nn.ModuleList(
+            nn.Sequential(nn.Dropout(0.5), nn.Linear(width, num_classes)) if self.dense_fc is not None
+            else nn.Linear(width, num_classes) for _ in range(params.scales))
         self.apns = nn.ModuleList(APN(channels, params.apn_hidden, params.apn_pool, params.min_tl_ratio)
                                   for _ in range(params.scales - 1))
-        self.fusion = nn.Linear(channels * params.scales, num_classes)
-        self.fusion12 = nn.Linear(channels * 2, num_classes) if params.scales == 3 else None
+        self.fusion = nn.Linear(width * params.scales, num_classes)
+        self.fusion12 = nn.Linear(width * 2, num_classes) if params.scales == 3 else None
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
 
     @classmethod
@@ -145,8 +204,10 @@ class RACNN(Method):
         return [self.backbone, *self.extra_nets]
 
     def param_groups(self) -> list[dict]:
-        """The classification networks at backbone_lr_scale, classifiers, fusion and APNs at 1x."""
+        """The classification networks (and VGG's fc6/fc7) at backbone_lr_scale, classifiers, fusion and APNs at 1x."""
         nets = [p for net in self.nets() for p in net.parameters()]
+        if self.dense_fc is not None:
+            nets += list(self.dense_fc.parameters())
         own = [p for m in (self.classifiers, self.apns, self.fusion, self.fusion12) if m is not None
                for p in m.parameters()]
         return [{"name": "new_layers", "params": own, "lr_scale": 1.0},
@@ -160,12 +221,14 @@ class RACNN(Method):
         for s, net in enumerate(self.nets()):
             features = net(x)[-1]
             out["features"].append(features)
-            out["logits"].append(self.classifiers[s](features.mean((2, 3))))
+            descriptor = self.dense_fc[s](features) if self.dense_fc is not None else features.mean((2, 3))
+            out.setdefault("descriptors", []).append(descriptor)
+            out["logits"].append(self.classifiers[s](descriptor))
             if s + 1 < p.scales:
                 boxes = self.apns[s](features)
                 out["boxes"].append(boxes)
                 x = attend(x, boxes.detach() if detach_boxes else boxes, p.k, p.zoom_size or images.shape[-1])
-        descriptors = [F.normalize(f.mean((2, 3)).float(), dim=1) for f in out["features"]]
+        descriptors = [F.normalize(d.float(), dim=1) for d in out.pop("descriptors")]
         out["fused"] = self.fusion(torch.cat(descriptors, 1).to(out["logits"][0].dtype))
         if self.fusion12 is not None:
             out["fused12"] = self.fusion12(torch.cat(descriptors[:2], 1).to(out["logits"][0].dtype))
@@ -186,10 +249,28 @@ class RACNN(Method):
         probs = [y.float().softmax(1).gather(1, labels[:, None])[:, 0] for y in out["logits"]]
         return sum(ranking_loss(probs[s], probs[s + 1], p.margin) for s in range(p.scales - 1)), "loss/rank"
 
+    def _apn_step(self, images: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps) -> tuple[str, float]:
+        """One update of the APNs alone, the classification networks fixed (their BatchNorm statistics too)."""
+        fixed = [q for m in (*self.nets(), self.classifiers, self.dense_fc) if m is not None for q in m.parameters()]
+        for q in fixed:
+            q.requires_grad_(False)
+        try:
+            with frozen_batchnorm(self):
+                apn_loss, name = self._apn_loss(self(images), labels)
+            return name, steps.step(apn_loss, name)
+        finally:
+            for q in fixed:
+                q.requires_grad_(True)
+
     def training_step(self, images: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps,
                       generator: torch.Generator | None = None) -> dict[str, float]:
         p, losses = self.params, {}
-        train_apn = p.scales > 1 and (p.ranking or int(self.batches_seen) < p.apn_init_batches)
+        pretraining = p.scales > 1 and int(self.batches_seen) < p.apn_init_batches
+        train_apn = p.scales > 1 and (p.ranking or pretraining)
+        if pretraining and p.apn_pretrain == "first":  # the paper's step 2: the APNs alone
+            name, value = self._apn_step(images, labels, steps)
+            self.batches_seen += 1
+            return {name: value, "loss": value}
         if p.training == "joint":
             out = self(images)
             loss = self._classification_loss(out, labels)
@@ -205,16 +286,7 @@ class RACNN(Method):
             losses["loss/cls"] = steps.step(cls, "loss/cls")
             losses["loss"] = losses["loss/cls"]
             if train_apn:  # 2: the APNs, with the classification networks fixed
-                fixed = [q for m in (*self.nets(), self.classifiers) for q in m.parameters()]
-                for q in fixed:
-                    q.requires_grad_(False)
-                try:
-                    with frozen_batchnorm(self):  # the networks are fixed: their statistics too
-                        apn_loss, name = self._apn_loss(self(images), labels)
-                    losses[name] = steps.step(apn_loss, name)
-                finally:
-                    for q in fixed:
-                        q.requires_grad_(True)
+                name, losses[name] = self._apn_step(images, labels, steps)
                 losses["loss"] += losses[name]
         self.batches_seen += 1
         return losses

@@ -102,3 +102,63 @@ def test_alternating_steps_update_their_own_parts():
     no_rank_steps = OptimizerSteps(build_optimizer(no_rank, TrainConfig(lr=0.05)))
     no_rank.training_step(x, y, no_rank_steps)
     assert no_rank_steps.count == 1  # without the ranking loss the APN keeps its initialisation
+
+
+def test_apn_pretraining_first_trains_the_apns_alone():
+    """The paper's step 2: for apn_init_batches batches only the APNs move (one step each), then the alternation."""
+    model = make(scales=2, apn_pretrain="first", apn_init_batches=1).train()
+    steps = OptimizerSteps(build_optimizer(model, TrainConfig(lr=0.05, weight_decay=0.0)))
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    nets = [p.detach().clone() for p in (*model.nets()[0].parameters(), *model.classifiers.parameters())]
+    apn = [p.detach().clone() for p in model.apns.parameters()]
+    first = model.training_step(x, y, steps)
+    assert steps.count == 1 and set(first) == {"loss/apn_init", "loss"}
+    assert all(torch.equal(a, b) for a, b in zip(nets, (*model.nets()[0].parameters(), *model.classifiers.parameters())))
+    assert any(not torch.equal(a, b) for a, b in zip(apn, model.apns.parameters()))
+    second = model.training_step(x, y, steps)  # pre-training over: classification step, then the ranking step
+    assert steps.count == 3 and {"loss/cls", "loss/rank"} <= set(second)
+
+
+def small_fc(backbone, pretrained=True):
+    """fc6/fc7 of VGG's form (timm's ConvMlp), narrow and 1 x 1 so that a test runs at 32 px."""
+    from timm.models.vgg import ConvMlp
+
+    return ConvMlp(backbone.channels[-1], 32, kernel_size=1, drop_rate=0.5)
+
+
+def test_vgg_fc_classifier_per_scale(monkeypatch):
+    """classifier: vgg_fc: each scale its own copy of fc6/fc7 (same initialisation), after pool5, averaged over the
+    map; a new fc8 per scale; the fusion reads the fc7 descriptors; fc6/fc7 train with the backbone's group."""
+    import methods.racnn as racnn
+
+    monkeypatch.setattr(racnn, "vgg_fc_layers", small_fc)
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneConfig(name="vgg11", out_indices=[0, 1, 2, 3, 4]))  # up to conv5 (stride 16)
+    model = RACNN(backbone, 5, RACNNParams(scales=3, classifier="vgg_fc")).eval()
+    assert len(model.dense_fc) == 3 and all(d.pool for d in model.dense_fc)  # pool5 after conv5
+    a, b = model.dense_fc[0].fc.fc1.weight, model.dense_fc[1].fc.fc1.weight
+    assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    assert model.classifiers[0][-1].in_features == 32 and model.fusion.in_features == 3 * 32
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        pool5 = F.max_pool2d(out["features"][0], 2, 2)
+        fc7 = model.dense_fc[0].fc(pool5).mean((2, 3))
+        torch.testing.assert_close(out["logits"][0], model.classifiers[0](fc7))
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in model.param_groups()}
+    assert {id(p) for p in model.dense_fc.parameters()} <= groups["backbone"]
+    assert sum(len(g) for g in groups.values()) == len({id(p) for p in model.parameters()})
+
+
+def test_vgg_fc_layers_are_vgg_fc6_fc7():
+    """The real thing: fc6 a 7 x 7 convolution 512 -> 4096 (the ImageNet Linear(25088, 4096) reshaped), fc7 1 x 1,
+    dropout 0.5; fc6 refuses pool5 maps smaller than 7 x 7."""
+    from methods.racnn import DenseFC, vgg_fc_layers
+
+    fc = vgg_fc_layers(build_backbone(BackboneConfig(name="vgg11", out_indices=[0, 1, 2, 3, 4])), pretrained=False)
+    assert fc.fc1.weight.shape == (4096, 512, 7, 7) and fc.fc2.weight.shape == (4096, 4096, 1, 1)
+    assert fc.drop.p == 0.5
+    with pytest.raises(ValueError, match="224 px"):
+        DenseFC(fc, pool=True)(torch.zeros(1, 512, 8, 8))  # a 128 px input: pool5 is 4 x 4
+    with pytest.raises(ValueError, match="VGG backbone"):
+        RACNN(build_backbone(BackboneConfig(name="resnet18")), 5, RACNNParams(classifier="vgg_fc"))
