@@ -2,15 +2,18 @@
 
     trials/<identity>/result.json   one record per trial, written atomically when the trial ends
     trials/<identity>/curves.json   its per-epoch metrics
-    results.parquet                 one row per trial of the current study (rewritten after each trial)
+    results.parquet                 one row per trial of the current study (rewritten after each trial), then
+                                    every other finished trial of this study and profile still stored here
+                                    (a narrower rerun drops nothing): `in_grid` tells them apart
     curves.parquet                  per-epoch metrics in long form (written at the end of a run)
     study.yaml                      the fully resolved study as it was run
     run.json                        how the last run went: wall time, driver memory, cluster, versions
     .lock                           held by the driver that is running the study (RunLock)
     ray/                            what Ray persists (checkpoints), unless --storage puts it elsewhere
 
-Every file is written to a temporary name and renamed into place, so a reader (or a crash) never
-sees a half-written file; finished trials stay finished whatever happens to the run after them.
+Every file is written to a temporary name, flushed to disk and renamed into place, so a reader (or a crash,
+or a power loss) never sees a half-written file; finished trials stay finished whatever happens to the run
+after them: a failed record never replaces a finished one.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ FINISHED, FAILED = "finished", "failed"
 
 
 def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    import pyarrow as pa
+
+    try:
+        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):  # mixed types in a column: see parquet_safe
+        safe = parquet_safe(df.copy())
+        atomic_write(path, lambda tmp: safe.to_parquet(tmp, index=False))
 
 
 def versions() -> dict[str, str]:
@@ -70,6 +79,7 @@ class ResultStore:
         self._versions: dict[str, str] | None = None
         self._records: dict[str, dict | None] = {}
         self._curves: dict[str, list[dict]] = {}
+        self._stored: list[str] | None = None
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.trials_dir / trial_id
@@ -92,11 +102,25 @@ class ResultStore:
                 self._curves[trial_id] = []
         return self._curves[trial_id]
 
+    def stored_ids(self) -> list[str]:
+        """Every trial with a record folder here (read once per process; this store adds the ones it writes)."""
+        if self._stored is None:
+            try:
+                self._stored = sorted(d.name for d in os.scandir(self.trials_dir) if d.is_dir())
+            except OSError:
+                self._stored = []
+        return self._stored
+
     def finished_ids(self, trial_ids: list[str]) -> set[str]:
         return {t for t in trial_ids if (r := self.record(t)) is not None and r.get("status") == FINISHED}
 
     def write_record(self, spec: TrialSpec, status: str, metrics: dict, error: str = "",
                      curves: list[dict] | None = None) -> dict:
+        """Store a trial's record (and curves). A FAILED record never replaces a FINISHED one (a process that dies
+        after its final report, a late timeout): the finished record is kept and returned."""
+        existing = self.record(spec.trial_id)
+        if status != FINISHED and existing is not None and existing.get("status") == FINISHED:
+            return existing
         if self._versions is None:
             self._versions = versions()
         cfg = spec.config
@@ -108,6 +132,8 @@ class ResultStore:
                **self._versions, "config": json.dumps(cfg, sort_keys=True)}
         atomic_write_bytes(self.trial_dir(spec.trial_id) / "result.json", json.dumps(row, default=str).encode())
         self._records[spec.trial_id] = json.loads(json.dumps(row, default=str))
+        if self._stored is not None and spec.trial_id not in self._stored:
+            self._stored.append(spec.trial_id)
         if curves is not None:
             atomic_write_bytes(self.trial_dir(spec.trial_id) / "curves.json", json.dumps(curves).encode())
             self._curves[spec.trial_id] = curves
@@ -119,24 +145,53 @@ class ResultStore:
 
         atomic_write_bytes(self.trial_dir(spec.trial_id) / "maps.npz", base64.b64decode(packed))
 
+    def kept_outside(self, trials: list[TrialSpec]) -> list[dict]:
+        """Finished records of this study and profile that the current grid no longer holds (a narrower rerun,
+        an older MATH_VERSION): results.parquet keeps them, the tables show the current grid."""
+        if not trials:
+            return []
+        current = {spec.trial_id for spec in trials}
+        study, profile = trials[0].study, trials[0].profile
+        return [r for t in self.stored_ids() if t not in current and (r := self.record(t)) is not None
+                and r.get("status") == FINISHED and r.get("study") == study and r.get("profile") == profile]
+
     def write_tables(self, trials: list[TrialSpec], curves: bool = True) -> pd.DataFrame:
-        """results.parquet (and curves.parquet, unless `curves=False`) of the study's current trials."""
-        results = pd.DataFrame([r for spec in trials if (r := self.record(spec.trial_id)) is not None])
+        """results.parquet (and curves.parquet, unless `curves=False`): the study's current trials (`in_grid`
+        true), then every other finished trial of the study and profile stored here (`in_grid` false)."""
+        rows = [{**r, "in_grid": True} for spec in trials if (r := self.record(spec.trial_id)) is not None]
+        outside = self.kept_outside(trials)
+        results = pd.DataFrame(rows + [{**r, "in_grid": False} for r in outside])
         atomic_write_parquet(results, self.root / "results.parquet")
         if curves:
             rows = []
-            for spec in trials:
-                if self.record(spec.trial_id) is None:
-                    continue
-                axes = {a: _plain(v) for a, v in spec.axes.items()}
-                for epoch_metrics in self.curves(spec.trial_id):
+            kept = [(spec.trial_id, spec.config["seed"], spec.axes) for spec in trials
+                    if self.record(spec.trial_id) is not None]
+            kept += [(r["trial_id"], r.get("seed"), {a: r.get(a) for a in (trials[0].axes if trials else {})})
+                     for r in outside]
+            for trial_id, seed, trial_axes in kept:
+                axes = {a: _plain(v) for a, v in trial_axes.items()}
+                for epoch_metrics in self.curves(trial_id):
                     epoch = epoch_metrics.get("epoch")
-                    rows.extend({"trial_id": spec.trial_id, "seed": spec.config["seed"], **axes, "epoch": epoch,
+                    rows.extend({"trial_id": trial_id, "seed": seed, **axes, "epoch": epoch,
                                  "metric": metric, "value": float(value)}
                                 for metric, value in epoch_metrics.items()
-                                if metric != "epoch" and isinstance(value, (int, float)))
+                                if metric != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool))
             atomic_write_parquet(pd.DataFrame(rows), self.root / "curves.parquet")
         return results
+
+
+def parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """A column whose values mix types parquet cannot hold together (an axis of false and "/path/weights.pth",
+    or an axis that was a number in older records and is text now) is stored as text, not refused mid-run."""
+    import pyarrow as pa
+
+    for column in df.columns[df.dtypes == object]:
+        try:
+            pa.array(df[column].tolist(), from_pandas=True)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            df[column] = df[column].map(lambda v: v if v is None or (isinstance(v, float) and v != v) else
+                                        (json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else str(v)))
+    return df
 
 
 class RunLocked(RuntimeError):

@@ -1,13 +1,17 @@
 """Run a study: python -m harness.run studies/<study>.yaml [--profile NAME] [--set key=value ...]
 
 Exit codes: 0 all trials finished; 2 invalid study, arguments, dataset or storage, or the same study and
-profile already running (nothing started); 3 finished with failed trials; 130 interrupted (run the same
-command again to resume).
+profile (or the same --storage prefix) already running (nothing started); 3 finished with failed trials, or
+finished but its report could not be written; 130 interrupted (run the same command again to resume).
+
+Everything printed goes through harness.escape.printable: a label or error from a study file cannot send
+escape codes to the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -16,7 +20,27 @@ from pathlib import Path
 
 import yaml
 
+from harness.escape import printable, redact_uri
+
 EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+def say(*parts: object, file=None) -> None:
+    """print, with control characters dropped (harness.escape.printable)."""
+    print(printable(" ".join(str(p) for p in parts)), file=file or sys.stdout, flush=True)
+
+
+def _bounded(kind: type, minimum: float, what: str):
+    """An argparse type: a number of `kind` at least `minimum` (argparse turns the error into exit 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (value >= minimum) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what} >= {minimum:g}")
+        return value
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,10 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", default=None, help="join a Ray cluster: auto or HOST:PORT (default: local Ray)")
     p.add_argument("--runs-dir", default="runs", help="results root (default runs/)")
     p.add_argument("--reports-dir", default="reports", help="reports root (default reports/)")
-    p.add_argument("--max-retries", type=int, default=1, help="Tune retries of a trial whose worker died")
+    p.add_argument("--max-retries", type=_bounded(int, 0, "a whole number"), default=1,
+                   help="Tune retries of a trial whose worker died (>= 0)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished trial's last checkpoint (default: deleted once its result is stored)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=_bounded(int, 1, "a whole number"), default=None,
+                   help="CPUs of the local Ray (>= 1; default: all)")
+    p.add_argument("--max-trials", type=_bounded(int, 1, "a whole number"), default=None,
+                   help="refuse a grid of more trials than this before expanding it (default 10000)")
+    p.add_argument("--connect-timeout", type=_bounded(float, 0.1, "a number of seconds"), default=60.0,
+                   metavar="SECONDS", help="with --address: give up joining the cluster after this long (default 60)")
     p.add_argument("--log", dest="loggers", action="append", default=[], choices=["tensorboard", "mlflow", "wandb"],
                    help="also send each trial's epochs and config to a tracker (several allowed): TensorBoard files "
                         "in <run>/tensorboard, MLflow to $MLFLOW_TRACKING_URI (else <run>/mlruns), W&B offline "
@@ -46,11 +76,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def print_trials(resolved) -> None:
     from harness.protocol import describe, protocol_markdown
 
-    print(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials")
+    say(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials")
     study = resolved.study.model_dump(mode="json")
-    print(protocol_markdown(study) or "\n".join(f"  {k}: {v}" for k, v in describe(study).items()))
+    say(protocol_markdown(study) or "\n".join(f"  {k}: {v}" for k, v in describe(study).items()))
     for spec in resolved.trials:
-        print(f"  {spec.trial_id}  {spec.config['method']['name']:<10} {spec.label}")
+        say(f"  {spec.trial_id}  {spec.config['method']['name']:<10} {spec.label}")
 
 
 def _raise_interrupt(signum, frame):
@@ -58,25 +88,37 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.study import StudyError, load_study
+    from harness.paths import UnsafePath, inside
+    from harness.study import MAX_TRIALS, StudyError, load_study
 
     args = parse_args(argv)
+
+    def announce(count: int) -> None:  # a large grid takes seconds to validate: say its size first
+        if args.dry_run and count > 100:
+            say(f"{count:,} trials in the grid (cells x seeds); validating each...")
+
     try:
-        resolved = load_study(args.study, args.profile, args.overrides)
+        resolved = load_study(args.study, args.profile, args.overrides, max_trials=args.max_trials or MAX_TRIALS,
+                              on_count=announce)
     except StudyError as e:
-        print(f"invalid study:\n{e}", file=sys.stderr)
+        say(f"invalid study:\n{e}", file=sys.stderr)
         return EXIT_INVALID
     if args.dry_run:
         print_trials(resolved)
         return EXIT_OK
+    try:  # a second guard behind the safe-name rule of the study loader
+        run_dir = inside(args.runs_dir, resolved.name, resolved.profile)
+        report_dir = inside(args.reports_dir, resolved.name, resolved.profile)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (UnsafePath, OSError) as e:
+        say(f"cannot run: {e}", file=sys.stderr)
+        return EXIT_INVALID
 
     from harness import orchestrate
     from harness.data._decode import DatasetError
     from harness.report import build_reports
     from harness.results import RunLock, RunLocked, atomic_write_bytes
 
-    run_dir = Path(args.runs_dir) / resolved.name / resolved.profile
-    run_dir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -84,33 +126,37 @@ def main(argv: list[str] | None = None) -> int:
         with RunLock(run_dir):
             study_dump = resolved.study.model_dump(mode="json", exclude={"profiles"})
             atomic_write_bytes(run_dir / "study.yaml", yaml.safe_dump(study_dump, sort_keys=False).encode())
-            print(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials -> {run_dir}/")
+            say(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials -> {run_dir}/")
             try:
                 summary = orchestrate.run_study(resolved, run_dir, address=args.address,
                                                 max_retries=args.max_retries, num_cpus=args.num_cpus,
                                                 keep_checkpoints=args.keep_checkpoints, storage=args.storage,
-                                                loggers=args.loggers)
+                                                loggers=args.loggers, log=say, connect_timeout=args.connect_timeout)
             except KeyboardInterrupt:
-                print("\ninterrupted: finished trials are kept; run the same command again to resume",
-                      file=sys.stderr)
+                say("\ninterrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
                 return EXIT_INTERRUPTED
-            except (ValueError, DatasetError) as e:  # a broken dataset, storage or resources the cluster lacks
-                print(f"cannot run: {e}", file=sys.stderr)
+            except (ValueError, DatasetError, ConnectionError) as e:  # a broken dataset, storage, an unreachable
+                say(f"cannot run: {e}", file=sys.stderr)                # cluster or resources the cluster lacks
                 return EXIT_INVALID
             finally:
                 orchestrate.shutdown()
             elapsed = time.perf_counter() - t0
             write_run_metadata(run_dir, args, summary, started, elapsed)
-            out = build_reports(run_dir, Path(args.reports_dir) / resolved.name / resolved.profile)
+            try:
+                out = build_reports(run_dir, report_dir)
+            except (OSError, ValueError) as e:
+                say(f"the results are stored in {run_dir}, but the report could not be written: {e}\n"
+                    f"rebuild it with python -m harness.report {run_dir}", file=sys.stderr)
+                return EXIT_FAILED
     except RunLocked as e:
-        print(f"cannot run: {e}", file=sys.stderr)
+        say(f"cannot run: {e}", file=sys.stderr)
         return EXIT_INVALID
-    print(f"{len(summary.finished)} trials trained, {summary.skipped} skipped (already finished), "
-          f"{len(summary.failed)} failed, in {elapsed:.0f} s; driver peak memory {peak_rss_mb():.0f} MB")
-    print(f"results: {run_dir}/results.parquet   reports: {out}/")
-    print((out / "table.md").read_text())
+    say(f"{len(summary.finished)} trials trained, {summary.skipped} skipped (already finished), "
+        f"{len(summary.failed)} failed, in {elapsed:.0f} s; driver peak memory {peak_rss_mb():.0f} MB")
+    say(f"results: {run_dir}/results.parquet   reports: {out}/")
+    say((out / "table.md").read_text())
     if summary.interrupted:
-        print("interrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
+        say("interrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_FAILED if summary.failed else EXIT_OK
 
@@ -134,7 +180,8 @@ def write_run_metadata(run_dir: Path, args: argparse.Namespace, summary, started
                 if line.startswith("model name")), platform.processor())
     meta = {"started": started, "wall_time_s": elapsed, "driver_peak_rss_mb": peak_rss_mb(),
             "trained": len(summary.finished), "failed": len(summary.failed), "skipped": summary.skipped,
-            "interrupted": summary.interrupted, "address": args.address or "local", "storage": args.storage,
+            "interrupted": summary.interrupted, "address": args.address or "local",
+            "storage": redact_uri(args.storage) if args.storage else None,  # an s3 URI may carry its keys
             "cluster": summary.cluster, "driver_host": socket.gethostname(), "platform": platform.platform(),
             "cpu": cpu, "cpu_count": os.cpu_count(), **versions()}
     atomic_write_bytes(run_dir / "run.json", json.dumps(meta, indent=1, default=str).encode())

@@ -21,6 +21,9 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
+import sys
+import zlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -108,22 +111,87 @@ def cache_path(params: BaseModel, size: int) -> Path:
 
 def load_imageset(params: BaseModel, size: int, use_cache: bool = True) -> ImageSet:
     """This node's copy of a dataset at one stored size: decoded on the first call on the node (under a
-    file lock), memory-mapped read-only afterwards. `use_cache=False` decodes into memory, caching nothing."""
+    file lock), memory-mapped read-only afterwards. `use_cache=False` decodes into memory, caching nothing.
+
+    Every entry is verified before use (each file's size and CRC-32 against its meta.json, once per process):
+    a truncated, emptied or edited entry is named, then rebuilt under the lock, never used."""
     family = DATASETS.get(params.name)
     if not use_cache:
         return family.build(params, size)
     path = cache_path(params, size)  # fingerprints the tree: an edited tree is decoded again
-    if not (path / "meta.json").exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, whatever happens to it
-            if not (path / "meta.json").exists():  # another process may have built it while we waited
-                _write(family.build(params, size), path)
+    problem, unreadable = verify_entry(path), False
+    if problem is None:
+        try:
+            return _read(path)
+        except CACHE_READ_ERRORS as e:
+            problem, unreadable = f"cannot be read ({type(e).__name__}: {e})", True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, whatever happens to it
+        again = verify_entry(path)  # another process may have built (or rebuilt) it while we waited
+        if again is not None or unreadable:
+            if path.exists():
+                print(f"dataset cache entry {path} is broken: {again or problem}; rebuilding it", file=sys.stderr)
+                _discard(path)
+            _write(family.build(params, size), path)
     return _read(path)
 
 
+ABSENT = "not built yet"
+CACHE_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, TypeError)
+_VERIFIED: set[tuple] = set()  # entries this process checked: (path, (name, size, mtime) of each file)
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def verify_entry(path: Path) -> str | None:
+    """None when the cache entry at `path` is whole; ABSENT when there is none; else what is wrong with it."""
+    meta_file = path / "meta.json"
+    if not path.exists():
+        return ABSENT
+    try:
+        meta = json.loads(meta_file.read_text())
+        files = meta["files"]
+        stamp = (str(path), tuple((name, os.stat(path / name).st_size, os.stat(path / name).st_mtime_ns)
+                                  for name in sorted(files)))
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name if e.filename else 'a file'} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable or has no file sizes and checksums ({type(e).__name__})"
+    if stamp in _VERIFIED:
+        return None
+    for required in ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"):
+        if required not in files:
+            return f"meta.json lists no {required}"
+    for name, expected in sorted(files.items()):
+        actual = os.stat(path / name).st_size
+        if actual != expected.get("bytes"):
+            return f"{name} has {actual:,} bytes, meta.json says {expected.get('bytes')}"
+        if _crc32(path / name) != expected.get("crc32"):
+            return f"{name} does not match its checksum in meta.json"
+    _VERIFIED.add(stamp)
+    return None
+
+
+def _discard(path: Path) -> None:
+    """Move a broken entry out of the way (one rename, then delete it)."""
+    aside = path.with_name(f".{path.name}.broken-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        aside = path
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def _write(s: ImageSet, path: Path) -> None:
-    """A cache entry is a folder written whole and renamed into place: never seen half-written."""
+    """A cache entry is a folder written whole (its files' sizes and CRC-32 in meta.json), flushed to disk and
+    renamed into place: never seen half-written."""
     def write(tmp: Path) -> None:
         for split_name in ("train", "test"):
             split: Split = getattr(s, split_name)
@@ -131,8 +199,9 @@ def _write(s: ImageSet, path: Path) -> None:
             np.save(tmp / f"{split_name}_labels.npy", split.labels)
             if split.boxes is not None:
                 np.save(tmp / f"{split_name}_boxes.npy", split.boxes)
+        files = {f.name: {"bytes": f.stat().st_size, "crc32": _crc32(f)} for f in sorted(tmp.glob("*.npy"))}
         meta = {"name": s.name, "num_classes": s.num_classes, "class_names": s.class_names,
-                "part_names": list(s.part_names), "meta": s.meta}
+                "part_names": list(s.part_names), "meta": s.meta, "files": files}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
     atomic_write(path, write, directory=True)

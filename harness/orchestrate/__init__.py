@@ -42,7 +42,12 @@ os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import logging  # noqa: E402
+import secrets  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -52,7 +57,7 @@ from ray import tune  # noqa: E402
 from harness.data._decode import DatasetError  # noqa: E402
 from harness.precision import describe_here  # noqa: E402
 from harness.orchestrate._callback import StoreCallback  # noqa: E402
-from harness.orchestrate._storage import CheckpointStore, Storage, check_storage_reachable  # noqa: E402
+from harness.orchestrate._storage import CheckpointStore, Storage, StorageLease, check_storage_reachable  # noqa: E402
 from harness.orchestrate._trial import dataset_key, prepare_dataset, trainable  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness.results import ResultStore  # noqa: E402
@@ -76,18 +81,112 @@ class RunSummary:
     cluster: dict = field(default_factory=dict)
 
 
-def start_ray(address: str | None, num_cpus: int | None = None, dashboard: bool = False) -> None:
+def start_ray(address: str | None, num_cpus: int | None = None, dashboard: bool = False,
+              connect_timeout: float = 60.0, log=print) -> None:
     """Join a cluster, or start a local Ray. `dashboard`: its state API, which Ray Train's placement-group
-    cleaner polls (data-parallel trials); 0.8 s more at start here, so single-process studies go without."""
+    cleaner polls (data-parallel trials); 0.8 s more at start here, so single-process studies go without.
+
+    Safety (README, "Safety"): a local Ray listens on 127.0.0.1 only and authenticates with a token of this
+    process's own (RAY_AUTH_TOKEN, never written to disk) unless the environment names one; RAY_AUTH_MODE=disabled
+    is honoured with a warning; joining a cluster gives up after `connect_timeout` seconds, naming the address."""
     if ray.is_initialized():
         return
+    _check_authentication(address, log)
     if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        _wait_reachable(address, connect_timeout)
+        with _environ(RAY_gcs_server_port_wait_time_s=str(max(1, round(connect_timeout)))):  # Ray's own retries
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
     else:
+        _local_token()
         # address="local": always a new local Ray, whatever a killed run left in Ray's temp folder
         # (ray_current_cluster naming a dead cluster would otherwise turn this into a failed connection).
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
-                 logging_level="WARNING", log_to_driver=True, configure_logging=True)
+        with _loopback_only():
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+                     logging_level="WARNING", log_to_driver=True, configure_logging=True,
+                     _node_ip_address="127.0.0.1")
+
+
+@contextmanager
+def _environ(**values: str):
+    """Environment variables set for a block, unless the user set them."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+@contextmanager
+def _loopback_only():
+    """Ray's own switch for a single-machine cluster (what it does on macOS and Windows): the node's address is
+    127.0.0.1, so the GCS, raylet, object manager, workers, dashboard and its agents listen on loopback only
+    (Ray turns a plain `_node_ip_address="127.0.0.1"` into the machine's routable address). Read only while the
+    node starts: a later cluster join in the same process is unaffected."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def _local_token() -> None:
+    """A local Ray authenticates with a random token of this process (every Ray process it starts inherits it),
+    so Ray does not write one to ~/.ray/auth_token (which it does with mode 0644)."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" and not (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def _check_authentication(address: str | None, log) -> None:
+    """Say when authentication is off, and keep Ray's token file private (it may have written it 0644)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        reach = f"the cluster at {address}" if address else "this machine's loopback Ray ports"
+        print(f"warning: RAY_AUTH_MODE=disabled: Ray's token authentication is OFF for this run; anyone who can "
+              f"reach {reach} can run code as you. Unset RAY_AUTH_MODE to keep it on.", file=sys.stderr)
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        mode = token_file.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO) and token_file.owner() == Path.home().owner():
+            token_file.chmod(0o600)
+            log(f"{token_file} was readable by other users (mode {stat.S_IMODE(mode):o}); made it 0600")
+    except (OSError, KeyError):
+        pass
+
+
+def _wait_reachable(address: str, timeout: float) -> None:
+    """Raise ConnectionError (naming the address) unless the cluster's GCS port accepts a TCP connection within
+    `timeout` seconds (Ray itself retries silently for minutes)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        target = address.removeprefix("ray://") if address.startswith("ray://") else \
+            canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:
+        raise ConnectionError(f"--address {address}: {e}") from None
+    if not target:
+        raise ConnectionError(f"--address {address}: no running Ray cluster found (start one with ray start --head, "
+                              "or give HOST:PORT)")
+    host, _, port = target.rpartition(":")
+    if not port.isdigit() or not host:
+        raise ConnectionError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or auto")
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(0.1, min(5.0, timeout))):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    raise ConnectionError(f"cannot reach the Ray cluster at {target} (--address {address}) within {timeout:g} s: "
+                          f"{getattr(last, 'strerror', None) or last}. Is Ray running there (ray start --head)? Check "
+                          "the address and the firewall, or raise --connect-timeout.")
 
 
 def shutdown() -> None:
@@ -156,10 +255,27 @@ def prepare_datasets(todo, log) -> dict[str, int]:
 
 def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str | None = None,
               max_retries: int = 1, num_cpus: int | None = None, log=print, keep_checkpoints: bool = False,
-              storage: str | None = None, loggers: list[str] = (), progress: bool = True) -> RunSummary:
+              storage: str | None = None, loggers: list[str] = (), progress: bool = True,
+              connect_timeout: float = 60.0) -> RunSummary:
     """Run every unfinished trial of the study. `storage`: where Ray persists checkpoints (default
-    `<run_dir>/ray`; a shared path or s3:// / gs:// URI on a multi-node cluster). `loggers`: trackers
-    (tensorboard, mlflow, wandb). `progress`: the live lines (harness.progress)."""
+    `<run_dir>/ray`; a shared path or s3:// / gs:// URI on a multi-node cluster), held by this driver alone
+    while it runs (harness.orchestrate._storage.StorageLease; raises RunLocked when another driver holds it).
+    `loggers`: trackers (tensorboard, mlflow, wandb). `progress`: the live lines (harness.progress).
+    `connect_timeout`: seconds to reach a cluster's `address` before giving up (ConnectionError)."""
+    lease = None
+    if storage:  # the default storage is inside the run folder, which RunLock already holds
+        lease = StorageLease(Storage(storage), f"{resolved.name}/{resolved.profile}", run_dir, log=log).acquire()
+    try:
+        return _run_study(resolved, run_dir, address, max_retries, num_cpus, log, keep_checkpoints, storage, loggers,
+                          progress, connect_timeout)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str | None, max_retries: int,
+               num_cpus: int | None, log, keep_checkpoints: bool, storage: str | None, loggers: list[str],
+               progress: bool, connect_timeout: float) -> RunSummary:
     store = ResultStore(run_dir)
     summary = RunSummary(total=len(resolved.trials))
     done = store.finished_ids([t.trial_id for t in resolved.trials])
@@ -184,7 +300,7 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
         address = os.environ["RAY_ADDRESS"]
         log(f"joining the Ray cluster of RAY_ADDRESS={address} (unset it for a local run)")
     t0 = time.perf_counter()
-    start_ray(address, num_cpus, dashboard=resources.workers > 1)
+    start_ray(address, num_cpus, dashboard=resources.workers > 1, connect_timeout=connect_timeout, log=log)
     summary.cluster = cluster_description()
     problem = check_resources(resolved)
     if problem:

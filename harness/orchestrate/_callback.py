@@ -11,6 +11,7 @@ from ray import tune
 
 from harness.orchestrate._storage import CheckpointStore
 from harness.orchestrate._trial import dataset_key
+from harness.escape import printable
 from harness.progress import Progress
 from harness.trackers import Trackers
 from harness.results import FAILED, FINISHED, ResultStore
@@ -41,6 +42,7 @@ class StoreCallback(tune.Callback):
         self.__dict__.update(state, log=print, progress=None, trackers=None)
 
     def _say(self, trial_id: str, message: str) -> None:
+        message = printable(message)  # labels and errors come from the study file and the trial
         if self.progress is not None:
             self.progress.end(trial_id, message)
         else:
@@ -53,7 +55,10 @@ class StoreCallback(tune.Callback):
     def _store(self, trial_id: str, status: str, metrics: dict, error: str = "", curves: list | None = None) -> None:
         spec = self.specs[trial_id]
         metrics = {"num_classes": self.num_classes.get(dataset_key(spec.config)), "workers": self.workers, **metrics}
-        self.store.write_record(spec, status, metrics, error, curves)
+        stored = self.store.write_record(spec, status, metrics, error, curves)
+        if stored.get("status") != status:  # a failure reported after the trial finished: the finished record stays
+            self.log(f"{spec.label}: {printable(error)} (after it finished: its finished result is kept)")
+            return
         if self.trackers:
             self.trackers.end(spec, status == FINISHED, metrics)
         self.store.write_tables(self.all_trials, curves=False)
@@ -104,8 +109,8 @@ class StoreCallback(tune.Callback):
         """Its process died more often than max_retries (a Python exception is a failed result instead)."""
         trial_id = self._id(trial)
         self.started.pop(trial_id, None)
-        if trial_id in self.timed_out:
-            return
+        if trial_id in self.timed_out or trial_id in self.summary.finished:
+            return  # a process that died after its final report: the trial is finished
         error = "trial process died: " + (str(trial.error_file) if getattr(trial, "error_file", None) else "no error file")
         self._store(trial_id, FAILED, {}, error)
 
@@ -118,7 +123,7 @@ class StoreCallback(tune.Callback):
             trial_id = self._id(trial)
             limit = trial.config["trial"]["config"]["train"].get("timeout_s")
             if (not limit or trial.status != trial.RUNNING or trial_id in self.timed_out
-                    or now - self.started.get(trial_id, now) <= limit):
+                    or trial_id in self.summary.finished or now - self.started.get(trial_id, now) <= limit):
                 continue
             reason = (f"TrialTimeout: still running after train.timeout_s={limit:g} s (hung, or slower than the "
                       "limit allows); its processes were stopped. Raise train.timeout_s if it was only slow.")

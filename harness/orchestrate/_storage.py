@@ -8,18 +8,28 @@ default `runs/<study>/<profile>/ray`):
     tune/<run stamp>/<trial>/checkpoint_*   Tune checkpoints of single-process trials (one experiment per run)
     train/<trial>/checkpoint_*              Ray Train checkpoints of data-parallel trials (a run per trial)
     timeouts/<trial>                        why a trial was stopped for exceeding train.timeout_s
+    .lease                                  the driver using this prefix (StorageLease): one at a time
+
+A URI is shown and stored only without its credentials (`str(storage)` is redacted: harness.escape.redact_uri).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from harness.escape import redact_uri
+from harness.results import RunLocked
 
 METADATA_FILE = ".metadata.json"  # written by ray.train.Checkpoint.set_metadata: {"epoch": n}
 
@@ -44,7 +54,7 @@ class Storage:
         return path if self.local else f"{self.scheme}://{path}"
 
     def __str__(self) -> str:
-        return self.uri(self.root)
+        return redact_uri(self.uri(self.root))
 
     def dirs(self, path: str) -> list[str]:
         try:
@@ -60,8 +70,15 @@ class Storage:
         try:
             with self.fs.open_input_stream(path) as f:
                 return f.read().decode()
-        except (OSError, FileNotFoundError):
+        except (OSError, FileNotFoundError, UnicodeDecodeError):
             return None
+
+    def remove(self, path: str) -> None:
+        """Delete a file if it is there."""
+        try:
+            self.fs.delete_file(path)
+        except (OSError, FileNotFoundError):
+            pass
 
     def write_text(self, path: str, text: str) -> None:
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -75,6 +92,107 @@ class Storage:
     def delete_file(self, path: str) -> None:
         if self.fs.get_file_info(path).type == pafs.FileType.File:
             self.fs.delete_file(path)
+
+
+class StorageLease:
+    """One driver per storage prefix, also across machines and `--runs-dir`s (the run folder's flock cannot see
+    another machine's driver, nor one writing to another runs folder): a lease file `<prefix>/.lease` naming
+    its holder (host, pid, start time, run folder), refreshed every `refresh_s` while the run lasts and
+    deleted at its end. Another driver refuses to start while the lease is fresh; it takes it over only when
+    it is stale: not refreshed for `stale_s` (a driver that died without deleting it), or, on the same host,
+    its process is gone. Taking it is write, wait `settle_s`, read back: of two drivers starting together,
+    the one whose write landed last keeps it and the other refuses. Staleness compares the holder's clock
+    with ours: machines sharing storage must agree on the time within `stale_s` (README, NFS caveats)."""
+
+    def __init__(self, storage: Storage, prefix: str, run_dir: str | os.PathLike = "", refresh_s: float = 30.0,
+                 stale_s: float = 120.0, settle_s: float = 1.0, log=print):
+        self.storage, self.path = storage, storage.path(prefix, ".lease")
+        self.refresh_s, self.stale_s, self.settle_s, self.log = refresh_s, stale_s, settle_s, log
+        self.token = uuid.uuid4().hex
+        self.holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.time(), "run_dir": str(Path(run_dir).resolve()) if run_dir else "",
+                       "command": " ".join(sys.argv)}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def read(self) -> dict | None:
+        text = self.storage.read_text(self.path)
+        try:
+            held = json.loads(text) if text else None
+        except ValueError:
+            return None  # half written by a crash (object stores write whole, NFS may not): stale
+        return held if isinstance(held, dict) else None
+
+    def _write(self) -> None:
+        """Whole or not at all: a reader never sees half a lease (a temporary beside it, then a rename)."""
+        tmp = f"{self.path}.{self.token}.tmp"
+        self.storage.write_text(tmp, json.dumps({**self.holder, "refreshed": time.time()}))
+        self.storage.fs.move(tmp, self.path)
+
+    def stale(self, held: dict) -> bool:
+        """Whether another driver's lease may be taken over."""
+        if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
+            try:
+                os.kill(held["pid"], 0)
+            except ProcessLookupError:
+                return True  # its driver is gone
+            except OSError:
+                pass  # alive, another user's
+        refreshed = held.get("refreshed")
+        return not isinstance(refreshed, (int, float)) or time.time() - refreshed > self.stale_s
+
+    def _refusal(self, held: dict) -> RunLocked:
+        age = time.time() - held.get("refreshed", 0) if isinstance(held.get("refreshed"), (int, float)) else 0
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
+        return RunLocked(f"another driver uses the storage prefix {redact_uri(self.storage.uri(self.path))}: pid "
+                         f"{held.get('pid')} on {held.get('host')} since {since} (run folder {held.get('run_dir')}), "
+                         f"its lease refreshed {age:.0f} s ago. Two drivers on one prefix would delete each other's "
+                         f"checkpoints: wait for it to finish, or stop it; a lease not refreshed for {self.stale_s:g} s "
+                         "is taken over.")
+
+    def acquire(self) -> "StorageLease":
+        held = self.read()
+        if held and held.get("token") != self.token and not self.stale(held):
+            raise self._refusal(held)
+        if held and held.get("token") != self.token:
+            self.log(f"taking over the stale storage lease of pid {held.get('pid')} on {held.get('host')}")
+        self._write()
+        time.sleep(self.settle_s)
+        held = self.read()
+        if not held or held.get("token") != self.token:  # another driver wrote after us: it keeps the lease
+            raise self._refusal(held or {})
+        self._thread = threading.Thread(target=self._refresh, name="storage-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            held = self.read()
+            if held and held.get("token") != self.token:
+                self.lost = True
+                self.log(f"warning: the storage lease {redact_uri(self.storage.uri(self.path))} was taken over by "
+                         f"pid {held.get('pid')} on {held.get('host')} (this driver did not refresh it for "
+                         f"{self.stale_s:g} s); stop one of the two drivers")
+                return
+            try:
+                self._write()
+            except OSError as e:  # a storage hiccup: try again at the next refresh
+                self.log(f"warning: cannot refresh the storage lease ({e})")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        held = self.read()
+        if held and held.get("token") == self.token:
+            self.storage.remove(self.path)
+
+    def __enter__(self) -> "StorageLease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def checkpoint_epoch(fs: pafs.FileSystem, checkpoint_dir: str) -> int:
