@@ -42,7 +42,7 @@ from harness.distributed import Collective, sync_batchnorm
 from harness.explain import localisation_scores, method_maps, pack_maps
 from harness.plugin import METHODS, Method, OptimizerSteps
 from harness.reference import reference_throughput
-from harness.stats import pack_correct
+from harness.stats import pack_correct, split_hash
 from harness.study import TrainConfig
 from harness.trials import TrialConfig
 
@@ -149,7 +149,7 @@ def evaluate(method: Method, pipeline: BatchPipeline, autocast, flip: int | None
     """Top-1 of every head (`<prefix>/acc/<head>`) and of the primary head (`<prefix>/acc`), counted
     over the whole test set (each worker's share, summed). `flip`: test on images flipped along dim -1
     (horizontal) or -2 (vertical), the MKSMT robustness test. With `per_image`, also the primary head's
-    correctness on every test image, in test-set order (the tables' bootstrap over images uses it)."""
+    correctness on every test image, in test-set order (the tables' McNemar test over images uses it)."""
     method.eval()
     correct: dict[str, int] = {}
     hits: list[torch.Tensor] = []
@@ -332,6 +332,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         final.update((scores := evaluate(method, test_pipe, autocast, collective=collective, per_image=True))[0])
         last_correct = scores[1]
     final["test/correct"] = pack_correct(last_correct.numpy())
+    final["test/set_hash"] = split_hash(imageset.test.labels, imageset.test.images)  # which images those are
     if train.eval_flips:
         final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip", collective=collective))
         final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip", collective=collective))

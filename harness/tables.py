@@ -2,12 +2,14 @@
 
 A cell is the mean over the seeds that finished, in % for accuracies: "65.0 ± 7.1 (n=2)", and with 3
 or more seeds its 95% confidence interval "(n=3, CI 58.1-71.9)". Within a table, for each accuracy
-metric and column, the best cell is marked `*`; every other cell of the column is compared with it (harness.stats: paired over
-seeds when they share two or more, else a paired bootstrap over the test images of their one seed):
-`≈` when the difference is not significant (p >= 0.05), nothing when the cell is significantly
-worse, `?` when no test applies (one seed and no per-image results, e.g. a non-primary head). The
-long-form statistics (mean, std, n, CI, p against the best, significant) are attached as
-`table.attrs["stats"]` and written as table_stats.csv.
+metric and column, the best cell on the seeds every cell of the column ran is marked `*`; every other
+cell is compared with it on those seeds, one-sided (harness.stats.compare_column: a paired t-test over
+the seeds with the column's pooled error, or with one seed an exact McNemar test over the same test
+images), with Holm's correction over the column after the choice of the best: `≈` when it is not shown
+different from the best (adjusted p >= 0.05), nothing when it is significantly worse, `?` when no test
+applies (one seed and no per-image results, e.g. a non-primary head). The long-form statistics (mean,
+std, n, CI, the raw and the adjusted p, the test) are attached as `table.attrs["stats"]` and written as
+table_stats.csv; `table.attrs["power"]` is the table's power note (the minimum detectable effect).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import numpy as np
 import pandas as pd
 
 from harness.results import FAILED, FINISHED
-from harness.stats import ALPHA, compare_cells, summarize, unpack_correct
+from harness.stats import (ALPHA, CORRECTION, POWER, ColumnResult, Comparison, compare_column, summarize,
+                           unpack_correct)
 
 MISSING = "-"
-LEGEND = ("mean ± std over the n seeds that finished (95% CI with n ≥ 3); `*` the best cell of its column, "
-          "`≈` not significantly different from it (p ≥ 0.05: paired t-test over shared seeds, or a paired "
-          "bootstrap over the test images with one seed), no mark: significantly worse, `?`: no test applies")
+_NO_TEST = Comparison("")  # a cell of a metric no test applies to (not an accuracy)
+LEGEND = ("mean ± std over the n seeds that finished (95% CI with n ≥ 3); `*` the best cell of its column on the "
+          "seeds all its cells ran, `≈` not shown different from the best, no mark: significantly worse than the "
+          "best (one-sided, on those seeds: paired t-test over seeds, or exact McNemar over the same test images "
+          "with one seed; Holm over the column after the choice of the best, α = 0.05), `?`: no test applies")
 
 
 def _number(value: float) -> str:
@@ -94,19 +99,26 @@ def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | Non
             parts = [_label(a, v) for a, v in zip(cols, combo)] + ([m] if len(metrics) > 1 or not cols else [])
             labels.append(", ".join(parts))
             keys.append(combo + (m,))
-    stats = _significance(texts, groups, metrics)
+    stats, columns_tested = _significance(texts, groups, metrics)
     marks = {(r["row_key"], r["col_key"]): r["mark"] for r in stats}
     body = [[_marked(texts.get((r,) + k, (MISSING, None))[0], marks.get(((r,), k), "")) for k in keys]
             for r in row_values]
     table = pd.DataFrame(body, index=pd.Index([str(r) for r in row_values], name=rows.split(".")[-1]), columns=labels)
     label_of = dict(zip(keys, labels))
+    nan = float("nan")
     table.attrs["stats"] = pd.DataFrame([{
         "row": str(r["row_key"][0]), "column": label_of.get(r["col_key"], ""), "metric": r["col_key"][-1],
         "mean": r["summary"].mean, "std": r["summary"].std, "n": r["summary"].n,
         "ci_low": r["summary"].ci95[0] if r["summary"].ci95 else np.nan,
         "ci_high": r["summary"].ci95[1] if r["summary"].ci95 else np.nan,
-        "p_vs_best": r["p"], "test": r["test"], "significantly_worse_than_best": r["worse"], "mark": r["mark"]}
+        "shared_seeds": r["seeds"], "mean_on_shared_seeds": nan if r["cmp"].shared_mean is None else r["cmp"].shared_mean,
+        "p_raw": nan if r["cmp"].p_raw is None else r["cmp"].p_raw,
+        "p_adjusted": nan if r["cmp"].p_adjusted is None else r["cmp"].p_adjusted,
+        "test": r["cmp"].test, "correction": CORRECTION if r["cmp"].p_adjusted is not None else "",
+        "significantly_worse_than_best": r["cmp"].worse, "mark": r["mark"],
+        "min_detectable_effect": nan if r["mde"] is None else r["mde"]}
         for r in stats])
+    table.attrs["power"] = power_note(columns_tested)
     return table
 
 
@@ -114,30 +126,50 @@ def _marked(text: str, mark: str) -> str:
     return f"{text} {mark}" if mark else text
 
 
-def _significance(texts: dict, groups: dict, metrics: list[str]) -> list[dict]:
+def _significance(texts: dict, groups: dict, metrics: list[str]) -> tuple[list[dict], list[ColumnResult]]:
     """Each finished cell against the best cell of its column (the rows compared under one setting of the
-    column axes and one metric: the best method per dataset, the best S with and without jigsaw)."""
-    out = []
+    column axes and one metric: the best method per dataset, the best S with and without jigsaw), and the
+    columns that were tested."""
+    out, tested = [], []
     for column in dict.fromkeys(k[1:] for k in texts):
         m = column[-1]
         cells = {k: v[1] for k, v in texts.items() if k[1:] == column and v[1] is not None}
         if not cells:
             continue
-        accuracy = is_accuracy(m)
-        best = max(cells, key=lambda k: cells[k].mean) if accuracy else None
-        by_seed = {k: _by_seed(groups[k], m) for k in cells}
-        correct = {k: _correct(groups[k]) if m == "test/acc" else None for k in cells}
+        result = None
+        if is_accuracy(m):
+            result = compare_column({k: _by_seed(groups[k], m) for k in cells},
+                                    {k: _outcomes(groups[k]) for k in cells} if m == "test/acc" else None)
+            if len(result.cells) > 1:
+                tested.append(result)
         for k, summary in cells.items():
-            p, test, mark = None, "", ""
-            if accuracy and len(cells) > 1:
-                if k == best:
-                    mark = "*"
-                else:
-                    p, test = compare_cells(by_seed[k], by_seed[best], correct[k], correct[best])
-                    mark = "?" if p is None else ("≈" if p >= ALPHA else "")
-            out.append({"row_key": k[:1], "col_key": k[1:], "summary": summary, "p": p, "test": test, "mark": mark,
-                        "worse": (p is not None and p < ALPHA)})
-    return out
+            cmp = result.cells[k] if result else None
+            out.append({"row_key": k[:1], "col_key": k[1:], "summary": summary, "cmp": cmp or _NO_TEST,
+                        "mark": cmp.mark if cmp else "", "seeds": ",".join(map(str, result.seeds)) if result else "",
+                        "mde": result.mde if result and len(result.cells) > 1 else None})
+    return out, tested
+
+
+def power_note(columns: list[ColumnResult]) -> str:
+    """What "≈" can and cannot mean in a table: the smallest gap to the best its columns detect 80% of the time."""
+    if not columns:
+        return ""
+    k = sorted({len(c.cells) for c in columns})
+    n = sorted({len(c.seeds) for c in columns})
+    known = [c for c in columns if c.mde is not None]
+    span = (lambda v: f"{v[0]}" if v[0] == v[-1] else f"{v[0]}-{v[-1]}")
+    what = f"{span(k)} cells per column, {span(n)} shared seed{'s' if n[-1] > 1 else ''}"
+    if not known:
+        return (f"Power: {what}; no test applies to these columns (one seed and no per-image outcomes, or no spread "
+                "over seeds), so no mark says whether cells differ.")
+    mdes = sorted(100 * c.mde for c in known)
+    gap = f"{mdes[0]:.1f}" if mdes[-1] - mdes[0] < 0.05 else f"{mdes[0]:.1f}-{mdes[-1]:.1f}"
+    images = sorted({c.test_images for c in known if c.test_images})
+    on = f" on {span(images)} test images" if images else ""
+    tests = " / ".join(dict.fromkeys(c.mde_test for c in known))
+    return (f"Power: {what}{on} ({tests}, Holm over the column, α = {ALPHA}): a cell about {gap} points below the "
+            f"best is marked worse {POWER:.0%} of the time when it is the only one behind; smaller gaps often read "
+            "≈, which then means \"not shown different\", not \"equal\".")
 
 
 def _by_seed(group: pd.DataFrame, metric: str) -> dict[int, float]:
@@ -145,11 +177,14 @@ def _by_seed(group: pd.DataFrame, metric: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(ok["seed"], ok[metric])}
 
 
-def _correct(group: pd.DataFrame) -> dict[int, np.ndarray]:
+def _outcomes(group: pd.DataFrame) -> dict[int, tuple[np.ndarray, str | None]]:
+    """seed -> (per-image correctness of the primary head, hash of the test set it was scored on)."""
     if "test/correct" not in group.columns:
         return {}
-    ok = group[(group["status"] == FINISHED) & group["test/correct"].notna()]
-    return {int(s): unpack_correct(c) for s, c in zip(ok["seed"], ok["test/correct"])}
+    ok = group[(group["status"] == FINISHED) & group["test/correct"].notna() & group["test/acc"].notna()]
+    hashes = ok["test/set_hash"] if "test/set_hash" in ok.columns else pd.Series(None, index=ok.index)
+    return {int(s): (unpack_correct(c), h if isinstance(h, str) and h else None)
+            for s, c, h in zip(ok["seed"], ok["test/correct"], hashes)}
 
 
 def add_references(table: pd.DataFrame, reference: dict | None, study_path: str) -> pd.DataFrame:
