@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 import harness
+from harness.escape import redact_uri
 from harness.protocol import compare, describe
 from harness.results import FAILED, atomic_write_bytes
 from harness.tables import LEGEND
@@ -49,10 +52,19 @@ def _with_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 
 def maps_of_trial(path: Path, label: str) -> dict | None:
-    """A trial's maps.npz as rows of PNGs (one row per map, one column per image)."""
+    """A trial's maps.npz as rows of PNGs (one row per map, one column per image); None when it has none, or when
+    the file is unreadable (said on stderr: a corrupt file costs its maps, not the report)."""
     if not path.exists():
         return None
-    data = np.load(path)
+    try:
+        return _maps_of_trial(path, label)
+    except (OSError, ValueError, KeyError, EOFError, IndexError, TypeError, zipfile.BadZipFile) as e:
+        print(f"warning: {path}: unreadable maps, left out of the report ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def _maps_of_trial(path: Path, label: str) -> dict:
+    data = np.load(path, allow_pickle=False)
     images = data["images"]
     scale = max(1, MAP_PX // images.shape[-1])
 
@@ -117,7 +129,7 @@ def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str)
             ("devices of the trials", ", ".join(sorted({str(d) for d in results.get("device_name", pd.Series(dtype=str))
                                                        .dropna()})) or "?"),
             ("driver", f"{meta.get('driver_host', '?')}, peak memory {meta.get('driver_peak_rss_mb', float('nan')):.0f} MB"),
-            ("storage", str(meta.get("storage") or "local")), ("address", str(meta.get("address", "?")))]
+            ("storage", redact_uri(meta.get("storage") or "local")), ("address", str(meta.get("address", "?")))]
     return rows
 
 
@@ -159,9 +171,13 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
     def html(table: pd.DataFrame) -> str:
         return table.to_html(escape=True, border=0, na_rep="-")
 
+    meta = _metadata(run_dir, results, hours, kind)
+    if study.get("_outside_grid"):  # harness.report.load_run: stored finished trials the current grid does not hold
+        meta.insert(1, ("outside the grid", f"{study['_outside_grid']} more finished trials of this study and profile "
+                                            "are kept in results.parquet (in_grid false), not in these tables"))
     env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape(["html"]))
     page = env.get_template("report_template.html").render(
-        study=study, meta=_metadata(run_dir, results, hours, kind), legend=LEGEND.replace("`", ""),
+        study=study, meta=meta, legend=LEGEND.replace("`", ""),
         tables=[{"title": name or (metric if isinstance(metric, str) else ", ".join(metric)), "html": html(t),
                  "note": t.attrs.get("note", "")} for name, (t, metric) in tables.items()],
         localisation=[{"title": name or "localisation", "html": html(t)} for name, t in localisation.items()],

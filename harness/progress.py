@@ -3,7 +3,9 @@ remaining time) and an overall count with an ETA.
 
 On a terminal the block of lines is redrawn in place (ANSI: cursor up, clear to the end); elsewhere (CI,
 a log file) each update is printed as one plain line when a trial finishes an epoch, so a log reads as a
-history. Finished and failed trials are printed as permanent lines above the block.
+history. Finished and failed trials are printed as permanent lines above the block. Labels and messages come
+from study files and trials: their control characters are dropped (harness.escape.printable), only the block's
+own cursor codes reach the terminal.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+
+from harness.escape import printable
 
 
 def _duration(seconds: float) -> str:
@@ -57,7 +61,7 @@ class Progress:
             self.live = bool(getattr(self.out, "isatty", lambda: False)())
 
     def start(self, trial_id: str, label: str, epochs: int) -> None:
-        self.running[trial_id] = _Running(label, time.monotonic(), epochs)
+        self.running[trial_id] = _Running(printable(label), time.monotonic(), epochs)  # a label is study text
         self._draw()
 
     def epoch(self, trial_id: str, metrics: dict) -> None:
@@ -99,7 +103,7 @@ class Progress:
         return f"[{self.done}/{self.total} trials, {_duration(now - self._start)}{eta}]"
 
     def _print(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        print(printable(text), file=self.out, flush=True)
 
     def _clear(self) -> None:
         if self.live and self._drawn:

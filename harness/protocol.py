@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.escape import markdown_cell
+
 KNOBS = ("backbone", "input", "augmentation", "normalisation", "optimizer", "lr", "schedule", "epochs", "batch",
          "precision", "reported")
 
@@ -89,6 +91,7 @@ def protocol_markdown(study: dict) -> str:
     lines = [f"Paper: {paper.get('source', 'the paper')}. Profile run: {study.get('profile', 'default')}. "
              f"{sum(r['differs'] == 'yes' for r in rows)} of {len(rows)} knobs differ (marked **≠**).", "",
              "| knob | paper | ours | | note |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['knob']} | {r['paper']} | {r['ours']} | {'**≠**' if r['differs'] else ''} | {r['note']} |"
-              for r in rows]
+    cell = markdown_cell  # a `|` in a value would start a new column
+    lines += [f"| {cell(r['knob'])} | {cell(r['paper'])} | {cell(r['ours'])} | {'**≠**' if r['differs'] else ''} | "
+              f"{cell(r['note'])} |" for r in rows]
     return "\n".join(lines) + "\n"

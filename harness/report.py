@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from harness.escape import latex, latex_label, markdown_frame, printable
+from harness.paths import inside, name_problem
 from harness.results import FAILED, FINISHED, atomic_write_bytes
 from harness.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
 
@@ -38,20 +40,23 @@ def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str 
 
 
 def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFrame, out: Path, title: str,
-                 protocol: str = "") -> None:
+                 protocol: str = "", outside_note: str = "") -> None:
     """table.md holds every table; each also as CSV and LaTeX (table.csv, or table_<name>.csv when named)."""
-    md = f"# {title}\n\nTop-1 % for accuracies: {LEGEND}.\n"
+    md = f"# {title}\n\nTop-1 % for accuracies: {LEGEND}.\n" + (f"\n{outside_note}\n" if outside_note else "")
     for name, (table, metric) in tables.items():
         note = f"**{table.attrs['note']}**\n\n" if table.attrs.get("note") else ""
-        md += f"\n## {name or (metric if isinstance(metric, str) else ', '.join(metric))}\n\n{note}{table.to_markdown()}\n"
+        heading = name or (metric if isinstance(metric, str) else ', '.join(metric))
+        md += f"\n## {heading}\n\n{note}{markdown_frame(table).to_markdown()}\n"
         stem = f"table_{name}" if name else "table"
-        atomic_write_bytes(out / f"{stem}.csv", table.to_csv().encode())
+        atomic_write_bytes(inside(out, f"{stem}.csv"), table.to_csv().encode())
         if "stats" in table.attrs:
-            atomic_write_bytes(out / f"{stem}_stats.csv", table.attrs["stats"].to_csv(index=False).encode())
-        caption = f"{title}{': ' + name if name else ''} (top-1 \\%)"
-        atomic_write_bytes(out / f"{stem}.tex", table.to_latex(escape=True, caption=caption).encode())
+            atomic_write_bytes(inside(out, f"{stem}_stats.csv"), table.attrs["stats"].to_csv(index=False).encode())
+        # Cells, index and column labels are escaped by pandas; the caption and label are ours to escape.
+        caption = latex(f"{title}{': ' + name if name else ''}") + r" (top-1 \%)"
+        tex = table.to_latex(escape=True, caption=caption, label=latex_label(f"tab:{title.split()[0]}:{stem}"))
+        atomic_write_bytes(inside(out, f"{stem}.tex"), tex.encode())
     if not heads.empty:
-        md += f"\n## Accuracy of every head (%)\n\n{heads.to_markdown()}\n"
+        md += f"\n## Accuracy of every head (%)\n\n{markdown_frame(heads).to_markdown()}\n"
     if protocol:
         md += f"\n## Protocol: the paper's beside this run's\n\n{protocol}"
         atomic_write_bytes(out / "protocol.md", protocol.encode())
@@ -92,7 +97,7 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
         dodge = 0.2 if hue and data[hue].nunique() > 1 else False
         sns.pointplot(data=data, x=axis, y=metric, hue=hue, errorbar="sd", dodge=dodge, ax=ax)
         ax.set(ylabel=f"{metric}" + (" (%)" if is_percent(metric) else ""), title=f"{metric} against {axis}")
-        written.append(_save(fig, out / f"{metric.replace('/', '_')}_vs_{axis.replace('.', '_')}.png"))
+        written.append(_save(fig, inside(out, f"{metric.replace('/', '_')}_vs_{axis.replace('.', '_')}.png")))
     if not curves.empty:
         panels = [m for m in ("test/acc", "train/loss") if m in set(curves["metric"])]
         fig, axs = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
@@ -103,7 +108,7 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
             data, style = combined_axis(data, cols)
             sns.lineplot(data=data, x="epoch", y="value", hue=hue, style=style, errorbar="sd", ax=ax)
             ax.set(ylabel=m + (" (%)" if m.startswith("test/acc") else ""), title=f"learning curves: {m}")
-        written.append(_save(fig, out / "learning_curves.png"))
+        written.append(_save(fig, inside(out, "learning_curves.png")))
     return written
 
 
@@ -123,9 +128,36 @@ def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     if not results_file.exists() or not study_file.exists():
         raise FileNotFoundError(f"{run_dir}: no results.parquet/study.yaml here; run the study first "
                                 "(python -m harness.run studies/<study>.yaml)")
+    from harness import study_yaml
+
     curves_file = run_dir / "curves.parquet"
-    curves = pd.read_parquet(curves_file) if curves_file.exists() else pd.DataFrame()
-    return yaml.safe_load(study_file.read_text()), pd.read_parquet(results_file), curves
+    try:
+        curves = pd.read_parquet(curves_file) if curves_file.exists() else pd.DataFrame()
+        results = pd.read_parquet(results_file)
+        study = study_yaml.load(study_yaml.read_text(study_file), str(study_file))[0]
+    except (OSError, ValueError, yaml.YAMLError) as e:  # pyarrow's errors are ValueErrors; StudyFileError too
+        raise ReportError(f"{run_dir}: cannot read its results ({type(e).__name__}: {e})") from None
+    if not isinstance(study, dict) or not all(isinstance(study.get(k), str) for k in ("name", "profile")):
+        raise ReportError(f"{study_file}: not a study written by harness.run (no name and profile)")
+    for name in [study["name"], study["profile"], *(study.get("tables") or {})]:
+        if name_problem(name):
+            raise ReportError(f"{study_file}: {name_problem(name)}")
+    if "in_grid" in results:  # the tables show the current grid; results.parquet also keeps earlier finished trials
+        study["_outside_grid"] = int((~results["in_grid"].fillna(False).astype(bool)).sum())
+        results = results[results["in_grid"].fillna(False).astype(bool)].reset_index(drop=True)
+    return study, results, curves
+
+
+class ReportError(ValueError):
+    """A run folder whose results cannot be reported (missing, unreadable, or not written by harness.run)."""
+
+
+def outside_note(study: dict) -> str:
+    """What the report says about stored trials that the tables leave out."""
+    n = study.get("_outside_grid", 0)
+    return (f"{n} more finished trial{'s' if n != 1 else ''} of this study and profile (an earlier, wider grid or "
+            "another harness version) are kept in results.parquet (in_grid false) and left out of these tables."
+            if n else "")
 
 
 def study_axes(study: dict) -> list[str]:
@@ -153,11 +185,11 @@ def spec_subset(results: pd.DataFrame, spec: dict) -> pd.DataFrame:
 def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     study, results, curves = load_run(run_dir)
-    out = Path(out_dir) if out_dir else Path("reports") / study["name"] / study["profile"]
+    out = Path(out_dir) if out_dir else inside("reports", study["name"], study["profile"])
     axes = study_axes(study)
     out.mkdir(parents=True, exist_ok=True)
     if results.empty:
-        atomic_write_bytes(out / "table.md", f"# {study['name']}\n\nno results yet\n".encode())
+        atomic_write_bytes(out / "table.md", f"# {study['name']}\n\nno results yet\n{outside_note(study)}\n".encode())
         return out
     tables, localisation = {}, {}
     located = "test/loc/energy" in results and results["test/loc/energy"].notna().any()
@@ -170,7 +202,7 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         table.attrs["note"] = mixed_precision_note(subset)
         tables[name] = (table, metric)
         first_metric = metric if isinstance(metric, str) else metric[0]
-        plot_dir = out / name if name else out
+        plot_dir = inside(out, name) if name else out  # table names follow the safe-name rule; a second guard
         plot_dir.mkdir(parents=True, exist_ok=True)
         columns = spec.get("columns")
         plot_axes = [spec["rows"]] + ([columns] if isinstance(columns, str) else list(columns or []))
@@ -183,12 +215,13 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     heads = head_table(results, axes)
     write_tables({**tables, **{f"{name}_localisation" if name else "localisation": (t, LOCALISATION)
                                for name, t in localisation.items()}},
-                 heads, out, f"{study['name']} ({study['profile']} profile)", protocol_markdown(study))
+                 heads, out, f"{study['name']} ({study['profile']} profile)", protocol_markdown(study),
+                 outside_note(study))
     from harness.html_report import write_html
 
     write_html(out, run_dir, study, results, tables, localisation, heads, axes)
     summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
-               "failed": int((results["status"] == FAILED).sum())}
+               "failed": int((results["status"] == FAILED).sum()), "outside_grid": study.get("_outside_grid", 0)}
     atomic_write_bytes(out / "summary.json", json.dumps(summary).encode())
     return out
 
@@ -204,7 +237,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         runs.append((run_dir, study, results, commit))
     profiles = [study["profile"] for _, study, _, _ in runs]
     labels = [(p if profiles.count(p) == 1 else str(d)) + f" ({c})" for (d, _, _, c), p in zip(runs, profiles)]
-    md = "# " + " vs ".join(labels) + f"\n\nTop-1 % for accuracies: {LEGEND} (within each run).\n"
+    md = "# " + printable(" vs ".join(labels)).replace("\n", " ") + f"\n\nTop-1 % for accuracies: {LEGEND} (within each run).\n"
     html = []
     for name, spec in table_specs(runs[0][1]).items():
         parts = []
@@ -217,13 +250,18 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
             parts.append(table)
         side = pd.concat(parts, axis=1).fillna("-")
         title = name or spec.get("metric", "test/acc")
-        md += f"\n## {title}\n\n{side.to_markdown()}\n"
-        html.append(f"<h2>{title}</h2>" + side.to_html(escape=True, border=1))
+        title = title if isinstance(title, str) else ", ".join(map(str, title))
+        md += f"\n## {title}\n\n{markdown_frame(side).to_markdown()}\n"
+        html.append({"title": title, "html": side.to_html(escape=True, border=1)})
     out = Path(out)
     atomic_write_bytes(out / "compare.md", md.encode())
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>compare</title><style>table{border-collapse:"
-            "collapse;font-family:sans-serif;font-size:0.9rem}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-            f"</head><body><h1>{' vs '.join(labels)}</h1>{''.join(html)}</body></html>")
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    # Through the escaping template, as index.html: run labels (folders, profiles, commits) and table titles
+    # come from files anyone may have written; the tables themselves are escaped by pandas.
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape(["html"]))
+    page = env.get_template("compare_template.html").render(labels=labels, legend=LEGEND.replace("`", ""),
+                                                            tables=html)
     atomic_write_bytes(out / "compare.html", page.encode())
     return out
 
@@ -236,20 +274,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="put the tables of several runs side by side (a profile against another, a harness "
                              "version against another)")
     args = parser.parse_args(argv)
+    if not args.run_dir and not args.compare:
+        parser.error("give a RUN_DIR, or --compare RUN_DIR RUN_DIR ...")
     try:
         if args.compare:
             out = compare_runs(([args.run_dir] if args.run_dir else []) + args.compare, args.out or ".")
-            print((out / "compare.md").read_text())
-            print(f"written: {out / 'compare.md'} and {out / 'compare.html'}")
+            print(printable((out / "compare.md").read_text()))
+            print(printable(f"written: {out / 'compare.md'} and {out / 'compare.html'}"))
             return 0
-        if not args.run_dir:
-            parser.error("give a RUN_DIR, or --compare RUN_DIR RUN_DIR ...")
         out = build_reports(args.run_dir, args.out)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # missing or unreadable results, a reference file, an unwritable --out
+        print(printable(f"error: {e}"), file=sys.stderr)
         return 2
-    print(f"reports written to {out}/ (open {out / 'index.html'})")
-    print((out / "table.md").read_text())
+    print(printable(f"reports written to {out}/ (open {out / 'index.html'})"))
+    print(printable((out / "table.md").read_text()))
     return 0
 
 
