@@ -45,8 +45,9 @@ def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFram
     md = f"# {title}\n\nTop-1 % for accuracies: {LEGEND}.\n" + (f"\n{outside_note}\n" if outside_note else "")
     for name, (table, metric) in tables.items():
         note = f"**{table.attrs['note']}**\n\n" if table.attrs.get("note") else ""
+        power = f"\n{table.attrs['power']}\n" if table.attrs.get("power") else ""  # what ≈ can mean here
         heading = name or (metric if isinstance(metric, str) else ', '.join(metric))
-        md += f"\n## {heading}\n\n{note}{markdown_frame(table).to_markdown()}\n"
+        md += f"\n## {heading}\n\n{note}{markdown_frame(table).to_markdown()}\n{power}"
         stem = f"table_{name}" if name else "table"
         atomic_write_bytes(inside(out, f"{stem}.csv"), table.to_csv().encode())
         if "stats" in table.attrs:
