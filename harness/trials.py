@@ -223,8 +223,12 @@ def _validate_sections(config: dict, where: Where, context: str, seen: dict | No
     if key not in seen:
         method_cls = METHODS.get(out["method"]["name"])
         try:
-            method_cls.validate_with(method_cls.Params.model_validate(out["method"]),
-                                     backbone_num_stages(json.dumps(out["backbone"], sort_keys=True)))
+            stages = backbone_num_stages(json.dumps(out["backbone"], sort_keys=True))
+        except Exception as e:  # noqa: BLE001 - timm raises what it likes (RuntimeError, TypeError, IndexError)
+            raise StudyError(f"{where.at(('backbone',))}backbone {out['backbone']['name']!r}: timm cannot build it "
+                             f"with these settings ({type(e).__name__}: {e}){context}") from None
+        try:
+            method_cls.validate_with(method_cls.Params.model_validate(out["method"]), stages)
         except ValueError as e:
             raise StudyError(f"{where.at(('method',))}{e}{context}") from None
         seen[key] = True

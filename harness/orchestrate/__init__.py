@@ -184,7 +184,8 @@ def _wait_reachable(address: str, timeout: float) -> None:
         if time.monotonic() >= deadline:
             break
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    raise ConnectionError(f"cannot reach the Ray cluster at {target} (--address {address}) within {timeout:g} s: "
+    shown = address if target == address else f"{address} ({target})"
+    raise ConnectionError(f"cannot reach the Ray cluster at {shown} within {timeout:g} s: "
                           f"{getattr(last, 'strerror', None) or last}. Is Ray running there (ray start --head)? Check "
                           "the address and the firewall, or raise --connect-timeout.")
 
