@@ -18,9 +18,11 @@ def test_all_energy_in_the_box_scores_one_and_a_uniform_map_scores_the_box_area(
     maps[2, 3, 3] = 1.0
     boxes = np.array([[[3, 2, 7, 5]]] * 3, dtype=float)  # x 3..7, y 2..5: 12 of 100 pixels
     scores = localisation(maps, boxes)
-    assert scores["energy"][0] == 1.0 and scores["pointing"][0] == 1.0
-    assert scores["energy"][1] == pytest.approx(0.12) and scores["chance"][1] == pytest.approx(0.12)
-    assert scores["pointing"][2] == 0.0 and scores["energy"][2] == pytest.approx(1 / 6)
+    assert scores["energy"][0] == 1.0 and scores["pointing"][0] == 1.0 and scores["energy_raw"][0] == 1.0
+    assert scores["energy"][1] == pytest.approx(0.12) and scores["box_share"][1] == pytest.approx(0.12)
+    assert scores["chance"][1] == pytest.approx(0.12)  # no tolerance: a random point hits the box itself
+    assert scores["pointing"][2] == 0.0 and scores["energy_raw"][2] == pytest.approx(1 / 6)
+    assert scores["energy"][2] == pytest.approx(0.2 / 1.2)  # min-max normalised: 1 -> 0.2, 5 -> 1
 
 
 def test_several_boxes_absent_boxes_and_empty_maps():
@@ -32,6 +34,7 @@ def test_several_boxes_absent_boxes_and_empty_maps():
     scores = localisation(maps, boxes)  # image 2: an empty map counts as uniform
     assert scores["energy"][0] == 1.0 and np.isnan(scores["energy"][1]) and np.isnan(scores["pointing"][1])
     assert scores["energy"][2] == pytest.approx(4 / 16) == scores["chance"][2] == scores["pointing"][2]
+    assert scores["energy_raw"][2] == pytest.approx(4 / 16) == scores["box_share"][2]
 
 
 def test_gradcam_of_a_known_linear_head_on_the_last_stage():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from harness.data import cache_dir, load_imageset
 from harness.data.synthfg import PART_NAMES, SynthFGParams, class_attributes, generate, gray_code
@@ -57,7 +58,9 @@ def test_cache_is_reused(tmp_path, monkeypatch):
     assert second.class_names == first.class_names and second.part_names == first.part_names
 
 
-def test_target_boxes_are_the_parts_that_tell_neighbouring_classes_apart():
+def test_target_boxes_are_the_parts_that_tell_a_class_apart():
+    """A class's targets: every part whose attribute alone separates it from another class of the dataset (its
+    Gray-code neighbours k - 1 and k + 1 among them); each image carries its class's part boxes, -1 padded."""
     from harness.data.imageset import target_boxes
     from harness.data.synthfg import ATTRIBUTE_PART, ATTRIBUTES, PART_NAMES, discriminative_parts
 
@@ -65,12 +68,18 @@ def test_target_boxes_are_the_parts_that_tell_neighbouring_classes_apart():
     parts = discriminative_parts(attrs)
     keys = list(ATTRIBUTES)
     for k, chosen in enumerate(parts):
-        expected = []
-        for j in (k - 1, k + 1):
+        expected = set()
+        for j in range(6):
+            differ = np.flatnonzero(attrs[k] != attrs[j])
+            if len(differ) == 1:
+                expected.add(PART_NAMES.index(ATTRIBUTE_PART[keys[int(differ[0])]]))
+        assert set(chosen) == expected and len(chosen) == len(expected)
+        for j in (k - 1, k + 1):  # the Gray-code neighbours' part is always among them
             if 0 <= j < 6:
-                part = PART_NAMES.index(ATTRIBUTE_PART[keys[int(np.flatnonzero(attrs[k] != attrs[j])[0])]])
-                expected += [part] if part not in expected else []
-        assert chosen == expected and 1 <= len(chosen) <= 2
+                (column,) = np.flatnonzero(attrs[k] != attrs[j])
+                assert PART_NAMES.index(ATTRIBUTE_PART[keys[int(column)]]) in chosen
+    # 6 classes: wing pattern x eye ring (3 x 2): every class is one wing and one eye-ring change from others.
+    assert all(sorted(PART_NAMES[i] for i in p) == ["eye", "wing"] for p in parts)
     s = generate(SynthFGParams(classes=6, train_per_class=3, test_per_class=2), 48)
     boxes = target_boxes(s, "test")
     assert boxes.shape[0] == len(s.test) and boxes.shape[2] == 4
@@ -78,3 +87,32 @@ def test_target_boxes_are_the_parts_that_tell_neighbouring_classes_apart():
         for k, part in enumerate(parts[y]):
             assert np.array_equal(boxes[i, k], s.test.boxes[i, part])
         assert (boxes[i, len(parts[y]):] == -1).all()
+
+
+def test_masks_are_what_the_boxes_bound():
+    from harness.data.synthfg import render
+
+    p = SynthFGParams(classes=4)
+    attrs = torch.as_tensor(class_attributes(4))[torch.arange(4).repeat(3)]
+    images, boxes, masks = render(attrs, 40, p, torch.Generator().manual_seed(0), return_masks=True)
+    again, again_boxes = render(attrs, 40, p, torch.Generator().manual_seed(0))
+    assert torch.equal(images, again) and torch.equal(boxes, again_boxes)  # the masks change nothing drawn
+    for i in range(len(attrs)):
+        for k in range(len(PART_NAMES)):
+            ys, xs = torch.nonzero(masks[i, k], as_tuple=True)
+            if len(xs):
+                assert boxes[i, k].tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+            else:
+                assert (boxes[i, k] == -1).all()
+
+
+def test_a_change_of_rendering_renders_the_cache_again():
+    from harness.data import cache_key
+    from harness.data import synthfg
+
+    before = cache_key(SMALL, 32)
+    synthfg.RENDER_VERSION += 1
+    try:
+        assert cache_key(SMALL, 32) != before
+    finally:
+        synthfg.RENDER_VERSION -= 1

@@ -25,6 +25,10 @@ from pydantic import Field
 from harness.data import DatasetFamily, DatasetParams, register_dataset
 from harness.data.imageset import ImageSet, Split
 
+# Bumped when what a rendering holds changes (cached datasets are keyed by it, see SynthFG.fingerprint):
+# 2: each class's discriminative parts are all the parts that separate it from a class one attribute away
+RENDER_VERSION = 2
+
 PART_NAMES = ("head", "beak", "eye", "wing", "tail", "crown")
 
 # Attributes that define a class, in Gray-code digit order (the first one changes fastest).
@@ -79,19 +83,18 @@ def class_attributes(classes: int) -> np.ndarray:
 
 
 def discriminative_parts(attrs: np.ndarray) -> list[list[int]]:
-    """Per class, the indices (in PART_NAMES) of the parts that tell it apart from its neighbours: the part
-    whose attribute differs from class k-1's and the one that differs from class k+1's (one each: Gray code)."""
+    """Per class, the indices (in PART_NAMES) of the parts that tell it apart from the classes it can be taken for:
+    every part whose attribute alone separates it from another class of the dataset (a class one attribute away;
+    Gray-code neighbours k-1 and k+1 among them), in attribute order. All of a class's evidence lies in these
+    parts: changing any other part's attribute gives no class of the dataset, and everything else in the image
+    (pose, body colour, background, clutter, occluders) is drawn the same for every class."""
     keys = list(ATTRIBUTES)
+    differs = attrs[:, None, :] != attrs[None, :, :]  # (C, C, A)
+    one_away = differs.sum(2) == 1  # (C, C): minimal pairs
     out = []
     for k in range(len(attrs)):
-        parts = []
-        for j in (k - 1, k + 1):
-            if 0 <= j < len(attrs):
-                (column,) = np.flatnonzero(attrs[k] != attrs[j])
-                part = PART_NAMES.index(ATTRIBUTE_PART[keys[column]])
-                if part not in parts:
-                    parts.append(part)
-        out.append(parts)
+        columns = sorted({int(np.flatnonzero(differs[k, j])[0]) for j in np.flatnonzero(one_away[k])})
+        out.append([PART_NAMES.index(ATTRIBUTE_PART[keys[c]]) for c in columns])
     return out
 
 
@@ -124,9 +127,10 @@ def _jitter(base: torch.Tensor, amount: float, g: torch.Generator) -> torch.Tens
     return (base + noise).clamp(0, 1)
 
 
-def render(attrs: torch.Tensor, size: int, p: SynthFGParams, g: torch.Generator,
-           supersample: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render one chunk. attrs (N, 5) -> images uint8 (N, 3, size, size), part boxes (N, P, 4) xyxy px."""
+def render(attrs: torch.Tensor, size: int, p: SynthFGParams, g: torch.Generator, supersample: int = 2,
+           return_masks: bool = False) -> tuple[torch.Tensor, ...]:
+    """Render one chunk. attrs (N, 5) -> images uint8 (N, 3, size, size), part boxes (N, P, 4) xyxy px (and with
+    `return_masks` the part masks (N, P, size, size) the boxes bound: a pixel any of whose subsamples is in it)."""
     n, big = attrs.shape[0], size * supersample
     lin = (torch.arange(big, dtype=torch.float32) + 0.5) / big * 2 - 1
     ys, xs = torch.meshgrid(lin, lin, indexing="ij")  # image coords in [-1, 1], y down
@@ -228,9 +232,10 @@ def render(attrs: torch.Tensor, size: int, p: SynthFGParams, g: torch.Generator,
 
     canvas = F.avg_pool2d(canvas, supersample) if supersample > 1 else canvas
     images = (canvas.clamp(0, 1) * 255).round().to(torch.uint8)
-    boxes = torch.stack([_box(F.max_pool2d(masks[k][:, None].float(), supersample)[:, 0] > 0.5)
-                         for k in PART_NAMES], 1)
-    return images, boxes
+    pixel_masks = torch.stack([F.max_pool2d(masks[k][:, None].float(), supersample)[:, 0] > 0.5
+                               for k in PART_NAMES], 1)  # (N, P, size, size)
+    boxes = torch.stack([_box(pixel_masks[:, k]) for k in range(len(PART_NAMES))], 1)
+    return (images, boxes, pixel_masks) if return_masks else (images, boxes)
 
 
 def _box(mask: torch.Tensor) -> torch.Tensor:
@@ -277,3 +282,8 @@ class SynthFG(DatasetFamily):
     @classmethod
     def build(cls, params: SynthFGParams, size: int) -> ImageSet:
         return generate(params, size)
+
+    @classmethod
+    def fingerprint(cls, params: SynthFGParams) -> str:
+        """Cached renderings are keyed by this too: a change to what is rendered or recorded renders them again."""
+        return f"render {RENDER_VERSION}"
