@@ -13,4 +13,7 @@ __version__ = "0.1.0"
 # 4: WS-DAN maps drawn with replacement, AAM centres by Wen et al.'s rule, MKSMT with PyTorch 1.x zero_grad,
 #    Swin's final norm on the last stage
 # 5: train.precision (default auto: bf16 only where the device has bf16 units) replaces train.amp
-MATH_VERSION = 5
+# 6: Residual Attention as its prototxt (2r lowest units, bias-free head, stages 1-3), test/acc_best at the primary
+#    head's best epoch, localisation by the literature's definitions on a stage that resolves parts, synthfg's
+#    targets every separating part, GAIN_ext on a fraction of images, RA-CNN's VGG fc layers and APN pre-training
+MATH_VERSION = 6
