@@ -269,9 +269,9 @@ def _probe_storage(marker_uri: str, token: str) -> str | None:
     try:
         with fs.open_input_stream(path) as f:
             if f.read().decode() != token:
-                return f"{marker_uri} holds another run's token"
+                return f"{redact_uri(marker_uri)} holds another run's token"
     except (OSError, FileNotFoundError) as e:
-        return f"cannot read {marker_uri} written by the driver ({type(e).__name__})"
+        return f"cannot read {redact_uri(marker_uri)} written by the driver ({type(e).__name__})"
     probe = f"{path}.{ray.get_runtime_context().get_node_id()[:12]}"
     try:
         with fs.open_output_stream(probe) as f:
