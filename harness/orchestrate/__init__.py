@@ -163,9 +163,8 @@ def _wait_reachable(address: str, timeout: float) -> None:
     `timeout` seconds (Ray itself retries silently for minutes)."""
     from ray._private.services import canonicalize_bootstrap_address
 
-    try:
-        target = address.removeprefix("ray://") if address.startswith("ray://") else \
-            canonicalize_bootstrap_address(address)
+    try:  # HOST:PORT as given (Ray would turn 127.0.0.1 into this machine's address); auto as Ray finds it
+        target = address.removeprefix("ray://") if ":" in address else canonicalize_bootstrap_address(address)
     except (ConnectionError, ValueError) as e:
         raise ConnectionError(f"--address {address}: {e}") from None
     if not target:
