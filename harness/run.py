@@ -30,15 +30,16 @@ def say(*parts: object, file=None) -> None:
     print(printable(" ".join(str(p) for p in parts)), file=file or sys.stdout, flush=True)
 
 
-def _bounded(kind: type, minimum: float, what: str):
-    """An argparse type: a number of `kind` at least `minimum` (argparse turns the error into exit 2)."""
+def _bounded(kind: type, minimum: float, what: str, maximum: float = float("inf")):
+    """An argparse type: a number of `kind` in [minimum, maximum] (argparse turns the error into exit 2)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (value >= minimum) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: give {what} >= {minimum:g}")
+        if not (minimum <= value <= maximum) or not math.isfinite(value):
+            upper = f" and <= {maximum:g}" if math.isfinite(maximum) else ""
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what} >= {minimum:g}{upper}")
         return value
     return parse
 
@@ -57,11 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Tune retries of a trial whose worker died (>= 0)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished trial's last checkpoint (default: deleted once its result is stored)")
-    p.add_argument("--num-cpus", type=_bounded(int, 1, "a whole number"), default=None,
+    p.add_argument("--num-cpus", type=_bounded(int, 1, "a whole number", 100_000), default=None,
                    help="CPUs of the local Ray (>= 1; default: all)")
     p.add_argument("--max-trials", type=_bounded(int, 1, "a whole number"), default=None,
                    help="refuse a grid of more trials than this before expanding it (default 10000)")
-    p.add_argument("--connect-timeout", type=_bounded(float, 0.1, "a number of seconds"), default=60.0,
+    p.add_argument("--connect-timeout", type=_bounded(float, 0.1, "a number of seconds", 86_400), default=60.0,
                    metavar="SECONDS", help="with --address: give up joining the cluster after this long (default 60)")
     p.add_argument("--log", dest="loggers", action="append", default=[], choices=["tensorboard", "mlflow", "wandb"],
                    help="also send each trial's epochs and config to a tracker (several allowed): TensorBoard files "
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = inside(args.runs_dir, resolved.name, resolved.profile)
         report_dir = inside(args.reports_dir, resolved.name, resolved.profile)
         run_dir.mkdir(parents=True, exist_ok=True)
+        report_dir.mkdir(parents=True, exist_ok=True)  # found unwritable now, not after the training
     except (UnsafePath, OSError) as e:
         say(f"cannot run: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -135,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 say("\ninterrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
                 return EXIT_INTERRUPTED
-            except (ValueError, DatasetError, ConnectionError) as e:  # a broken dataset, storage, an unreachable
-                say(f"cannot run: {e}", file=sys.stderr)                # cluster or resources the cluster lacks
+            except (ValueError, DatasetError, OSError) as e:  # a broken dataset or storage (OSError: ConnectionError
+                say(f"cannot run: {e}", file=sys.stderr)        # too), an unreachable cluster, resources it lacks
                 return EXIT_INVALID
             finally:
                 orchestrate.shutdown()

@@ -227,7 +227,11 @@ def load_study(path: str | os.PathLike, profile: str | None = None, overrides: t
     from harness.trials import resolve  # trials depend on the study schema, not the other way round
 
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a name the OS cannot take (a NUL byte, too long)
+        found = False
+    if not found:
         raise StudyError(f"study file not found: {path} (studies live in studies/, e.g. studies/pmg_ablation.yaml)")
     try:
         raw, lines = study_yaml.load(study_yaml.read_text(path), str(path))

@@ -128,6 +128,12 @@ CASES = [
     ("--num-cpus 0", TINY_STUDY, ["--num-cpus", "0"], r"--num-cpus: '0': give a whole number >= 1"),
     ("--max-trials 0", TINY_STUDY, ["--max-trials", "0"], r"--max-trials"),
     ("--connect-timeout nan", TINY_STUDY, ["--connect-timeout", "nan"], r"--connect-timeout"),
+    ("--num-cpus 10^12", TINY_STUDY, ["--num-cpus", str(10**12)], r"--num-cpus: .*<= 100000"),
+    ("--address with a port out of range", TINY_STUDY, ["--address", "127.0.0.1:99999"],
+     r"--address 127\.0\.0\.1:99999: expected HOST:PORT"),
+    ("--address that is not one", TINY_STUDY, ["--address", "no such thing"], r"cannot run: --address no such thing"),
+    ("--storage nobody can write", TINY_STUDY, ["--storage", "/proc/fgvc-storage"], r"cannot run: "),
+    ("--storage of an unknown scheme", TINY_STUDY, ["--storage", "nosuch://bucket/x"], r"cannot run: "),
 ]
 
 
@@ -148,6 +154,7 @@ def run_cli(tmp_path: Path, text: str | bytes | None, args: list[str], monkeypat
     else:
         study.write_text(text)
     monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a run looks at ~/.ray/auth_token: never the real one
     before = files_under(tmp_path)
     try:
         rc = main([str(study), "--runs-dir", str(roots / "runs"), "--reports-dir", str(roots / "reports"), *args])
@@ -175,6 +182,13 @@ def test_hostile_input_exits_2_with_its_message_and_writes_nothing_outside(tmp_p
 def test_the_runs_folder_being_a_file_is_refused(tmp_path, monkeypatch, capsys):
     (tmp_path / "a" / "b" / "roots").mkdir(parents=True)
     (tmp_path / "a" / "b" / "roots" / "runs").write_text("not a folder")
+    rc, output, outside = run_cli(tmp_path, TINY_STUDY, [], monkeypatch, capsys)
+    assert rc == 2 and "cannot run:" in output and "Traceback" not in output and not outside
+
+
+def test_the_reports_folder_being_a_file_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a" / "b" / "roots").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "roots" / "reports").write_text("not a folder")
     rc, output, outside = run_cli(tmp_path, TINY_STUDY, [], monkeypatch, capsys)
     assert rc == 2 and "cannot run:" in output and "Traceback" not in output and not outside
 
@@ -522,7 +536,6 @@ def test_two_drivers_with_other_runs_folders_cannot_share_a_storage(tmp_path, mo
 # ----------------------------------------------------------------------------- Ray's surface
 
 def test_address_gives_up_after_the_connect_timeout_naming_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HOME", str(tmp_path))  # start_ray looks at ~/.ray/auth_token
     t0 = time.perf_counter()
     rc, output, _ = run_cli(tmp_path, TINY_STUDY, ["--address", "127.0.0.1:1", "--connect-timeout", "1"],
                             monkeypatch, capsys)

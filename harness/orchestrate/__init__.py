@@ -171,7 +171,7 @@ def _wait_reachable(address: str, timeout: float) -> None:
         raise ConnectionError(f"--address {address}: no running Ray cluster found (start one with ray start --head, "
                               "or give HOST:PORT)")
     host, _, port = target.rpartition(":")
-    if not port.isdigit() or not host:
+    if not port.isdigit() or not host or not 0 < int(port) < 65536:
         raise ConnectionError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or auto")
     deadline, last = time.monotonic() + timeout, None
     while True:
@@ -237,7 +237,10 @@ def prepare_datasets(todo, log) -> dict[str, int]:
     A trial whose training split is smaller than one batch would train nothing: that is an error too."""
     configs = {dataset_key(spec.config): spec.config for spec in todo}
     t0 = time.perf_counter()
-    outcomes = dict(zip(configs, ray.get([prepare_dataset.remote(c) for c in configs.values()])))
+    try:
+        outcomes = dict(zip(configs, ray.get([prepare_dataset.remote(c) for c in configs.values()])))
+    except ray.exceptions.RayTaskError as e:  # decoding died (out of memory, a crash in a reader): nothing trained
+        raise DatasetError(f"decoding a dataset failed on its node: {e}") from None
     errors = [o["error"] for o in outcomes.values() if "error" in o]
     if errors:
         raise DatasetError("\n".join(errors))
