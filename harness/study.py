@@ -121,10 +121,13 @@ class TrainConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _scale_range_ordered(self) -> "TrainConfig":
+    def _sizes_and_ranges(self) -> "TrainConfig":
         if self.random_scale and self.random_scale[0] > self.random_scale[1]:
             raise ValueError(f"random_scale {self.random_scale}: give [low, high] with 0 < low <= high, "
                              "e.g. [0.75, 1.25]")
+        if self.resize and self.image_size > self.resize + 2 * self.crop_padding:
+            raise ValueError(f"image_size {self.image_size} is larger than resize {self.resize} "
+                             f"(+ 2 x crop_padding {self.crop_padding}): the crop is taken from the stored image")
         return self
 
 
@@ -166,7 +169,7 @@ Metric = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@/-]{1,200}$")]
 class TableSpec(Strict):
     rows: str = Field(..., description="a grid axis (dotted path) for the table's rows")
     columns: str | list[str] | None = Field(None, description="a grid axis, or several, for the columns")
-    metric: Metric | list[Metric] = Field("test/acc", description="a metric column of results.parquet; a list "
+    metric: Metric | Annotated[list[Metric], Field(min_length=1)] = Field("test/acc", description="a metric column of results.parquet; a list "
                                                             "puts one column per metric (e.g. every head)")
     grid: str | None = Field(None, description="with `grids:`, the named grid whose trials the table shows")
     reference: Reference | None = Field(None, description="paper numbers to print beside ours")

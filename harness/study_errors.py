@@ -78,6 +78,10 @@ def _section_model(model: type[BaseModel], loc: tuple) -> Any:
 def format_errors(err: ValidationError, model: type[BaseModel], prefix: tuple, where: "Where") -> str:
     messages = []
     for e in err.errors():
+        if not e["loc"]:  # a model-level check (a validator over several fields): say it at the section
+            at = where.at(prefix)
+            messages.append(f"{at}{'.'.join(map(str, prefix)) or 'study'}: {e['msg'].removeprefix('Value error, ')}")
+            continue
         loc = prefix + tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc)
         at = where.at(loc)

@@ -69,17 +69,22 @@ def _expanded_size(root: yaml.Node) -> int:
     """Nodes in the document with every alias expanded (aliases point at shared nodes: memoised, so this is
     linear in the nodes written, however far they expand). Depth is bounded, so recursion is safe."""
     sizes: dict[int, int] = {}
+    open_: set[int] = set()  # nodes being counted: meeting one again is an alias to itself
 
     def size(node: yaml.Node) -> int:
         known = sizes.get(id(node))
         if known is not None:
             return known
+        if id(node) in open_:
+            raise StudyFileError(f"{node.start_mark.line + 1}: an alias refers to the mapping or list it is in")
+        open_.add(id(node))
         if isinstance(node, yaml.MappingNode):
             total = 1 + sum(size(k) + size(v) for k, v in node.value)
         elif isinstance(node, yaml.SequenceNode):
             total = 1 + sum(size(v) for v in node.value)
         else:
             total = 1
+        open_.discard(id(node))
         sizes[id(node)] = min(total, MAX_NODES + 1)
         return sizes[id(node)]
 
@@ -115,13 +120,19 @@ def load(text: str, source: str = "<string>") -> tuple[Any, dict[tuple, int]]:
             raise StudyFileError(f"{source}:{e}") from None
         if node is None:
             return None, {}
-        if _expanded_size(node) > MAX_NODES:
+        try:
+            expanded = _expanded_size(node)
+        except StudyFileError as e:
+            raise StudyFileError(f"{source}:{e}") from None
+        if expanded > MAX_NODES:
             raise StudyFileError(f"{source}: more than {MAX_NODES:,} values once its aliases (&name / *name) are "
                                  "expanded; write the study out, or use fewer aliases")
         try:
             data = loader.construct_document(node)
         except RecursionError:  # a merge key (<<) chain the depth bound does not see
             raise StudyFileError(f"{source}: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4,300 digits
+            raise StudyFileError(f"{source}: a value cannot be read ({e})") from None
     finally:
         loader.dispose()
     return data, _line_map(node)
