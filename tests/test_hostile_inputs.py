@@ -83,7 +83,7 @@ CASES = [
     ("an integer of 5,000 digits", "name: s\nmethod: {name: pmg}\nseeds: [" + "9" * 5000 + "]\n", [],
      r"a value cannot be read"),
     ("a 5,000-digit --set value", TINY_STUDY, ["--set", "train.epochs=" + "9" * 5000], r"--set"),
-    ("an error of the whole method section", study_text(method={**TINY["method"], "jigsaw_n": [0]}), [],
+    ("an error of the whole method section", study_text(method={**TINY["method"], "jigsaw_n": [0, -1]}), [],
      r"s\.yaml:\d+: method: jigsaw_n values must be >= 1"),
     ("an empty metric list", study_text(table={"rows": "method.stages", "metric": []}), [], r"table\.metric"),
     ("a crop larger than the stored image", with_train(image_size=64, resize=32), [],
