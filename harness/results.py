@@ -29,6 +29,7 @@ import pandas as pd
 
 import harness
 from harness._atomic import atomic_write, atomic_write_bytes  # noqa: F401 - re-exported
+from harness.paths import inside
 from harness.trials import TrialSpec
 
 FINISHED, FAILED = "finished", "failed"
@@ -82,7 +83,7 @@ class ResultStore:
         self._stored: list[str] | None = None
 
     def trial_dir(self, trial_id: str) -> Path:
-        return self.trials_dir / trial_id
+        return inside(self.trials_dir, trial_id)  # an identity is a hash; a second guard all the same
 
     def record(self, trial_id: str) -> dict | None:
         if trial_id not in self._records:

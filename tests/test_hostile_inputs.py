@@ -598,3 +598,25 @@ def test_a_local_ray_listens_on_loopback_only_and_writes_no_token_file(tmp_path)
     assert seen["listen"] and set(seen["listen"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, seen
     assert seen["token_in_env"]  # this run's own token, in its processes' environment
     assert not (tmp_path / ".ray" / "auth_token").exists()
+
+
+def test_a_narrower_rerun_through_the_cli_keeps_every_finished_row(tiny_run, tmp_path, monkeypatch, capsys):
+    """The bar of issue 19 on a real run: tiny_run trained stages 1 and 2; a rerun of stage 1 alone trains nothing
+    (no Ray starts) and results.parquet still holds both finished trials."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run[0] / "runs", runs)
+    before = pd.read_parquet(runs / "tiny" / "fast" / "results.parquet")
+    assert len(before) == 2 and (before["status"] == "finished").all()
+    study = tmp_path / "tiny.yaml"
+    study.write_text(TINY_STUDY)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    rc = main([str(study), "--profile", "fast", "--runs-dir", str(runs), "--reports-dir", str(tmp_path / "reports"),
+               "--set", "grid.method.stages=[1]", "--set", "grid.method.jigsaw=[true]"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "0 trials trained, 1 skipped" in out
+    after = pd.read_parquet(runs / "tiny" / "fast" / "results.parquet")
+    assert set(after["trial_id"]) == set(before["trial_id"]) and after["in_grid"].sum() == 1
+    assert "1 more finished trial of this study and profile" in (tmp_path / "reports" / "tiny" / "fast" /
+                                                                 "table.md").read_text()
