@@ -6,7 +6,6 @@ from __future__ import annotations
 import types
 from typing import Any, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from harness.registry import did_you_mean
@@ -17,24 +16,10 @@ class StudyError(ValueError):
 
 
 def line_map(text: str) -> dict[tuple, int]:
-    """Dotted key path (as a tuple) -> 1-based line, from the YAML node tree."""
-    lines: dict[tuple, int] = {}
+    """Dotted key path (as a tuple) -> 1-based line, read within harness.study_yaml's bounds."""
+    from harness import study_yaml
 
-    def walk(node: yaml.Node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                p = path + (key.value,)
-                lines[p] = key.start_mark.line + 1
-                walk(value, p)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, value in enumerate(node.value):
-                lines[path + (i,)] = value.start_mark.line + 1
-                walk(value, path + (i,))
-
-    root = yaml.compose(text)
-    if root is not None:
-        walk(root, ())
-    return lines
+    return study_yaml.load(text)[1]
 
 
 def _allowed(model: type[BaseModel], field: str) -> str:
