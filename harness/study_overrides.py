@@ -16,8 +16,13 @@ from harness.study_errors import StudyError
 
 def _deep_merge(base: dict, override: dict) -> dict:
     """Profile overrides merged into the base. A method or dataset section that names a different
-    plugin replaces the base section whole: its parameters belong to the other plugin."""
+    plugin replaces the base section whole: its parameters belong to the other plugin. A backbone that
+    names another model keeps the base's backbone settings but not its `kwargs` (arguments of one timm
+    model, e.g. the default profile's narrow ResNet-18 widths, which a paper's ResNet-50 must not get)."""
     out = copy.deepcopy(base)
+    if (isinstance(override.get("backbone"), dict) and isinstance(out.get("backbone"), dict)
+            and override["backbone"].get("name", out["backbone"].get("name")) != out["backbone"].get("name")):
+        out["backbone"].pop("kwargs", None)
     for key, value in override.items():
         renamed = (key in ("method", "dataset") and isinstance(value, dict) and isinstance(out.get(key), dict)
                    and value.get("name", out[key].get("name")) != out[key].get("name"))

@@ -136,3 +136,14 @@ def test_mksmt_idle_param_updates_move_s4_in_step_one():
         steps.step(F.cross_entropy(model(x, upto="S3")["S3"][1], y))  # step 1 of the next batch alone
         moved[idle] = not torch.equal(model.outputs["S4"].weight, before)
     assert moved == {True: True, False: False}
+
+
+def test_a_profile_naming_another_backbone_does_not_inherit_the_base_kwargs(monkeypatch):
+    """The default profile's narrow ResNet-18 widths are arguments of that model: the paper's ResNet-50 gets its
+    own (none), while the base's other backbone settings (the PMG authors' pooled stem) still apply."""
+    monkeypatch.setenv("CUB200_ROOT", "/data/CUB_200_2011")
+    base = load_study("studies/pmg_ablation.yaml").trials[0].config["backbone"]
+    assert base["kwargs"] == {"channels": [16, 32, 64, 128], "stem_width": 16}
+    for profile in ("paper", "fast"):
+        backbone = load_study("studies/pmg_ablation.yaml", profile=profile).trials[0].config["backbone"]
+        assert backbone["name"] == "resnet50.tv_in1k" and backbone["kwargs"] == {} and backbone["stem_pooled"] is True

@@ -1,6 +1,6 @@
 """Precision on this CPU, and what a study's default profile costs here (a script, not a pytest benchmark):
 
-    python -m tests.benchmarks.bench_precision [STUDY ...] [--batches 3] [--check RUN_DIR]
+    python -m tests.benchmarks.bench_precision [STUDY ...] [--batches 3] [--set KEY=VALUE] [--check RUN_DIR]
 
 For this machine it prints
 1. the CPU: model, torch's kernel capability, whether it has bf16 units (harness.precision), torch threads;
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=3, help="timed training batches per trial (after one warm-up)")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: this machine's)")
     p.add_argument("--check", metavar="RUN_DIR", help="compare with a real run's per-trial cpu_time_s")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the studies as harness.run does (e.g. --set train.precision=fp32)")
     args = p.parse_args(argv)
     set_threads(1)
     info = precision.cpu_info()
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'yes' if info['cpu_bf16'] else 'no'} ({info['cpu_bf16_from']}); torch threads {torch.get_num_threads()}")
     print(f"precision auto -> {chosen} on this CPU")
     for path in args.studies:
-        resolved = load_study(ROOT / path if not Path(path).is_absolute() else path)
+        resolved = load_study(ROOT / path if not Path(path).is_absolute() else path, overrides=args.overrides)
         trials = resolved.trials
         requested = {t.config["train"]["precision"] for t in trials}
         prec = {r: precision.resolve(r, "cpu") for r in requested}
