@@ -58,18 +58,18 @@ class TrainConfig(Strict):
         "taken from the stored image is image_size / factor, resized to image_size), e.g. AAM's [0.75, 1.25]"))
     normalize: Literal["imagenet", "half"] = Field("imagenet", description="imagenet mean/std, or "
                                                    "half: (x - 0.5) / 0.5 as the PMG authors")
-    lr: float = Field(0.002, gt=0.0, le=100.0, description="base learning rate (x each parameter group's lr_scale)")
+    lr: float = Field(0.002, gt=0.0, description="base learning rate (x each parameter group's lr_scale)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0, le=10.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
     nesterov: bool = False
     schedule: Literal["cosine", "step", "poly", "constant"] = Field(
         "cosine", description="cosine: lr/2*(cos(pi*epoch/epochs)+1); step: lr*gamma^(epoch//step_size); "
                               "poly: end_lr + (lr - end_lr)*(1 - epoch/epochs)^poly_power")
-    poly_power: float = Field(0.9, gt=0.0, le=100.0)
-    end_lr: float = Field(1e-6, ge=0.0, le=100.0, description="final lr of the poly schedule")
+    poly_power: float = Field(0.9, gt=0.0)
+    end_lr: float = Field(1e-6, ge=0.0, description="final lr of the poly schedule")
     step_size: int = Field(2, ge=1, le=10_000, description="epochs per decay of the step schedule")
     gamma: float = Field(0.9, gt=0.0, le=1.0, description="decay factor of the step schedule")
-    grad_clip: float | None = Field(None, gt=0.0, le=1e6)
+    grad_clip: float | None = Field(None, gt=0.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast where the trial's device computes bf16 natively (CUDA with bf16, "
                             "a CPU with AVX512-BF16/AMX), else fp32; fp32; bf16 or fp16 autocast on any device "
