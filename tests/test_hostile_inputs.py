@@ -1,7 +1,7 @@
 """Hostile and careless input (issue 19): every case exits 2 with its message and no traceback, prints no control
 character, and writes nothing outside the run and report roots. Then the outputs: no element injected into a page,
-escaped LaTeX and Markdown, no result dropped, verified caches, fsync, the run lock on the storage, and Ray's
-surface (loopback, authentication, connect timeout, credentials).
+escaped LaTeX and Markdown, no credentials stored. (No result lost: test_no_result_lost.py; the storage lease and
+Ray's surface: test_run_isolation.py.)
 
 The table-driven cases call harness.run.main in this process (no Ray starts: each is refused before it would);
 a case that raised would fail here with its traceback, so "returns 2" is also "no traceback".
@@ -9,44 +9,17 @@ a case that raised would fail here with its traceback, so "returns 2" is also "n
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from harness.run import main
 from tests.conftest import TINY_STUDY
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = yaml.safe_load(TINY_STUDY)
-
-
-def study_text(**changes) -> str:
-    """The tiny study with top-level keys replaced (a value of None drops the key)."""
-    data = {**TINY, **changes}
-    return yaml.safe_dump({k: v for k, v in data.items() if v is not None}, sort_keys=False)
-
-
-def with_train(**train) -> str:
-    return study_text(train={**TINY["train"], **train})
-
-
-def alias_bomb(levels: int = 9) -> str:
-    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    for i in range(1, levels):
-        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
-        lines.append(f"{cur}: &{cur} [{', '.join(['*' + prev] * 9)}]")
-    return "name: bomb\nmethod: {name: pmg}\n" + "\n".join(lines) + "\n"
+from tests.hostile import TINY, alias_bomb, fake_run, run_cli, study_text, with_train
 
 
 # (case, study file text (str or bytes), extra arguments, what the message must say)
@@ -145,35 +118,6 @@ CASES = [
     ("--storage nobody can write", TINY_STUDY, ["--storage", "/proc/fgvc-storage"], r"cannot run: "),
     ("--storage of an unknown scheme", TINY_STUDY, ["--storage", "nosuch://bucket/x"], r"cannot run: "),
 ]
-
-
-def files_under(folder: Path) -> set[Path]:
-    return {p for p in folder.rglob("*") if p.is_file()}
-
-
-def run_cli(tmp_path: Path, text: str | bytes | None, args: list[str], monkeypatch, capsys):
-    """harness.run.main on a study file, from a working folder of its own, with the run and report roots deep
-    inside tmp_path (so a path that climbs out of them still lands where the test sees it)."""
-    work, roots = tmp_path / "work", tmp_path / "a" / "b" / "roots"
-    work.mkdir()
-    study = work / "s.yaml"
-    if text is None:
-        study.mkdir()
-    elif isinstance(text, bytes):
-        study.write_bytes(text)
-    else:
-        study.write_text(text)
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a run looks at ~/.ray/auth_token: never the real one
-    before = files_under(tmp_path)
-    try:
-        rc = main([str(study), "--runs-dir", str(roots / "runs"), "--reports-dir", str(roots / "reports"), *args])
-    except SystemExit as e:  # argparse's own refusals
-        rc = e.code
-    out, err = capsys.readouterr()
-    written = files_under(tmp_path) - before
-    outside = [p for p in written if roots not in p.parents]
-    return rc, out + err, outside
 
 
 @pytest.mark.parametrize("text,args,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -286,21 +230,6 @@ def assert_nothing_injected(html: str, own_scripts: int) -> None:
     assert "alert(1)" not in html.replace("&lt;script&gt;alert(1)", "")  # present only as escaped text
 
 
-def fake_run(run_dir: Path, study: Path, overrides: list[str], acc: float = 0.5) -> list:
-    """A run folder as harness.run leaves it, without training: finished records of the study's trials."""
-    from harness.results import ResultStore
-    from harness.study import load_study
-
-    resolved = load_study(study, overrides=overrides)
-    store = ResultStore(run_dir)
-    for spec in resolved.trials:
-        store.write_record(spec, "finished", {"test/acc": acc, "train/loss": 1.0, "wall_time_s": 1.0})
-    store.write_tables(resolved.trials)
-    dump = resolved.study.model_dump(mode="json", exclude={"profiles"})
-    (run_dir / "study.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
-    return resolved.trials
-
-
 def hostile_labels_study(tmp_path: Path) -> Path:
     study = tmp_path / "h.yaml"
     study.write_text(yaml.safe_dump({
@@ -355,268 +284,3 @@ def test_a_corrupt_maps_file_costs_its_maps_not_the_report(tmp_path, capsys):
     assert report_main([str(run), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "cannot read its results" in err and "Traceback" not in err
-
-
-# ----------------------------------------------------------------------------- results are never dropped
-
-def test_a_narrower_grid_keeps_every_finished_result(tiny_study, tmp_path):
-    from harness.report import build_reports
-    from harness.results import ResultStore
-
-    wide = fake_run(tmp_path / "run", tiny_study, [])
-    narrow = fake_run(tmp_path / "run", tiny_study, ["grid.method.stages=[1]"])  # a later, narrower rerun
-    assert len(wide) == 4 and len(narrow) == 2
-    stored = pd.read_parquet(tmp_path / "run" / "results.parquet")
-    assert set(stored["trial_id"]) == {t.trial_id for t in wide}
-    assert stored["in_grid"].sum() == 2 and (stored["status"] == "finished").all()
-    assert list(stored["trial_id"][:2]) == [t.trial_id for t in narrow]  # the current grid first
-    # A fresh store (a new process) keeps them too, and the report says how many it leaves out.
-    ResultStore(tmp_path / "run").write_tables(narrow)
-    assert len(pd.read_parquet(tmp_path / "run" / "results.parquet")) == 4
-    out = build_reports(tmp_path / "run", tmp_path / "report")
-    assert "2 more finished trials of this study and profile" in (out / "table.md").read_text()
-    assert "outside the grid" in (out / "index.html").read_text()
-    assert json.loads((out / "summary.json").read_text())["trials"] == 2
-
-
-def test_a_failed_record_never_replaces_a_finished_one(tiny_study, tmp_path):
-    from harness.results import ResultStore
-    from harness.study import load_study
-
-    spec = load_study(tiny_study).trials[0]
-    store = ResultStore(tmp_path)
-    store.write_record(spec, "finished", {"test/acc": 0.7})
-    kept = store.write_record(spec, "failed", {}, "trial process died: after its final report")
-    assert kept["status"] == "finished"
-    assert json.loads((tmp_path / "trials" / spec.trial_id / "result.json").read_text())["status"] == "finished"
-    assert ResultStore(tmp_path).record(spec.trial_id)["test/acc"] == 0.7
-
-
-def test_the_driver_callback_keeps_a_finished_trial_whose_process_then_dies(tiny_study, tmp_path):
-    from types import SimpleNamespace
-
-    from harness.orchestrate import RunSummary
-    from harness.orchestrate._callback import StoreCallback
-    from harness.results import ResultStore
-    from harness.study import load_study
-
-    specs = load_study(tiny_study).trials[:1]
-    store, summary, said = ResultStore(tmp_path), RunSummary(total=1), []
-    callback = StoreCallback(store, {s.trial_id: s for s in specs}, specs, summary, said.append,
-                             checkpoints=SimpleNamespace(delete=lambda t: None))
-    trial = SimpleNamespace(config={"trial": {"trial_id": specs[0].trial_id}}, error_file=None)
-    callback.on_trial_result(0, [], trial, {"kind": "final", "status": "finished", "test/acc": 0.6, "history": "[]"})
-    callback.on_trial_error(0, [], trial)
-    assert store.record(specs[0].trial_id)["status"] == "finished"
-    assert summary.finished == {specs[0].trial_id} and not summary.failed
-
-
-def test_an_axis_of_mixed_types_is_stored_not_refused(tiny_study, tmp_path):
-    from dataclasses import replace
-
-    from harness.results import ResultStore
-    from harness.study import load_study
-
-    specs = load_study(tiny_study).trials[:2]
-    specs = [replace(specs[0], axes={"backbone.pretrained": False}),
-             replace(specs[1], axes={"backbone.pretrained": "/weights/r18.pth"})]
-    store = ResultStore(tmp_path)
-    for spec in specs:
-        store.write_record(spec, "finished", {"test/acc": 0.5})
-    stored = store.write_tables(specs)
-    assert len(pd.read_parquet(tmp_path / "results.parquet")) == len(stored) == 2
-
-
-# ----------------------------------------------------------------------------- node cache, atomic writes
-
-@pytest.mark.parametrize("damage", ["truncated images", "empty labels", "deleted meta.json", "flipped byte",
-                                    "meta.json without checksums"])
-def test_a_broken_cache_entry_is_named_and_rebuilt(tmp_path, monkeypatch, capsys, damage):
-    from harness.data import DATASETS, cache_path, load_imageset, verify_entry
-
-    monkeypatch.setenv("FGVC_HARNESS_CACHE", str(tmp_path))
-    params = DATASETS.get("synthfg").Params.model_validate({"name": "synthfg", "classes": 4, "train_per_class": 2,
-                                                            "test_per_class": 2})
-    first = load_imageset(params, 32)
-    expected = np.array(first.train.images)
-    path = cache_path(params, 32)
-    assert verify_entry(path) is None
-    images, labels, meta = path / "train_images.npy", path / "test_labels.npy", path / "meta.json"
-    if damage == "truncated images":
-        images.write_bytes(images.read_bytes()[:-100])
-    elif damage == "empty labels":
-        labels.write_bytes(b"")
-    elif damage == "deleted meta.json":
-        meta.unlink()
-    elif damage == "flipped byte":
-        data = bytearray(images.read_bytes())
-        data[-1] ^= 0xFF
-        images.write_bytes(data)
-        os.utime(images, ns=(1, 1))  # a new stamp: this process re-checks the entry
-    else:
-        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "files"}))
-    assert verify_entry(path) not in (None, "not built yet")
-    again = load_imageset(params, 32)
-    assert f"dataset cache entry {path} is broken" in capsys.readouterr().err
-    np.testing.assert_array_equal(np.asarray(again.train.images), expected)
-    assert verify_entry(path) is None
-    assert not [p for p in tmp_path.iterdir() if ".broken-" in p.name]
-
-
-def test_the_atomic_writer_flushes_the_file_and_its_folder(tmp_path, monkeypatch):
-    from harness import _atomic
-
-    synced = []
-    real = os.fsync
-    fds: dict[int, str] = {}
-    real_open = os.open
-
-    def fake_open(path, flags, *a, **k):
-        fd = real_open(path, flags, *a, **k)
-        fds[fd] = str(path)
-        return fd
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fds.get(fd)), real(fd)))
-    _atomic.atomic_write_bytes(tmp_path / "f.json", b"{}")
-    assert any(p and Path(p).name.startswith(".f.json.") for p in synced)  # the data, before the rename
-    assert str(tmp_path) in synced  # the rename
-    synced.clear()
-    _atomic.atomic_write(tmp_path / "entry", lambda d: (d / "a.npy").write_bytes(b"x"), directory=True)
-    assert any(p and p.endswith("a.npy") for p in synced) and str(tmp_path) in synced
-    assert (tmp_path / "entry" / "a.npy").read_bytes() == b"x"
-
-
-# ----------------------------------------------------------------------------- the run lock on the storage
-
-def test_a_storage_prefix_has_one_driver(tmp_path):
-    from harness.orchestrate._storage import Storage, StorageLease
-    from harness.results import RunLocked
-
-    storage = Storage(tmp_path / "shared")
-    first = StorageLease(storage, "tiny/default", tmp_path / "runs-a", settle_s=0.01).acquire()
-    held = json.loads((tmp_path / "shared" / "tiny" / "default" / ".lease").read_text())
-    assert held["pid"] == os.getpid() and held["host"] == socket.gethostname() and held["started"] <= time.time()
-    with pytest.raises(RunLocked, match=r"another driver uses the storage prefix .* pid \d+ on .*runs-a"):
-        StorageLease(storage, "tiny/default", tmp_path / "runs-b", settle_s=0.01).acquire()
-    StorageLease(storage, "other/default", tmp_path / "runs-b", settle_s=0.01).acquire().release()  # other prefix
-    first.release()
-    assert not (tmp_path / "shared" / "tiny" / "default" / ".lease").exists()
-    StorageLease(storage, "tiny/default", tmp_path / "runs-b", settle_s=0.01).acquire().release()
-
-
-def test_a_lease_is_refreshed_and_taken_over_only_when_stale(tmp_path):
-    from harness.orchestrate._storage import Storage, StorageLease
-    from harness.results import RunLocked
-
-    storage = Storage(tmp_path)
-    lease = StorageLease(storage, "p", refresh_s=0.05, settle_s=0.01).acquire()
-    t0 = json.loads((tmp_path / "p" / ".lease").read_text())["refreshed"]
-    time.sleep(0.3)
-    assert json.loads((tmp_path / "p" / ".lease").read_text())["refreshed"] > t0
-    lease._stop.set()  # the driver hangs: no more refreshes
-    lease._thread.join()
-    time.sleep(0.2)
-    with pytest.raises(RunLocked):
-        StorageLease(storage, "p", stale_s=60, settle_s=0.01).acquire()
-    StorageLease(storage, "p", stale_s=0.1, settle_s=0.01).acquire().release()  # not refreshed for 0.1 s: stale
-    # Another host's lease, fresh: refused; a dead driver on this host: taken over at once.
-    other = {"token": "x", "host": "elsewhere", "pid": 1, "started": time.time(), "refreshed": time.time()}
-    (tmp_path / "p" / ".lease").write_text(json.dumps(other))
-    with pytest.raises(RunLocked, match="on elsewhere"):
-        StorageLease(storage, "p", settle_s=0.01).acquire()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    here = {**other, "host": socket.gethostname(), "pid": int(dead.stdout)}
-    (tmp_path / "p" / ".lease").write_text(json.dumps(here))
-    StorageLease(storage, "p", settle_s=0.01).acquire().release()
-
-
-def test_two_drivers_with_other_runs_folders_cannot_share_a_storage(tmp_path, monkeypatch, capsys):
-    from harness.orchestrate._storage import Storage, StorageLease
-
-    lease = StorageLease(Storage(tmp_path / "shared"), "tiny/default", tmp_path / "elsewhere", settle_s=0.01).acquire()
-    try:
-        rc, output, outside = run_cli(tmp_path, TINY_STUDY, ["--storage", str(tmp_path / "shared")], monkeypatch,
-                                      capsys)
-    finally:
-        lease.release()
-    assert rc == 2 and "another driver uses the storage prefix" in output and "Traceback" not in output
-
-
-# ----------------------------------------------------------------------------- Ray's surface
-
-def test_address_gives_up_after_the_connect_timeout_naming_it(tmp_path, monkeypatch, capsys):
-    t0 = time.perf_counter()
-    rc, output, _ = run_cli(tmp_path, TINY_STUDY, ["--address", "127.0.0.1:1", "--connect-timeout", "1"],
-                            monkeypatch, capsys)
-    assert rc == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in output and "--connect-timeout" in output
-    assert time.perf_counter() - t0 < 30
-
-
-def test_disabled_authentication_is_said_and_a_readable_token_file_is_made_private(tmp_path, monkeypatch, capsys):
-    from harness.orchestrate import _check_authentication
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    token = tmp_path / ".ray" / "auth_token"
-    token.parent.mkdir()
-    token.write_text("secret")
-    token.chmod(0o644)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    said = []
-    _check_authentication(None, said.append)
-    assert "RAY_AUTH_MODE=disabled: Ray's token authentication is OFF" in capsys.readouterr().err
-    assert token.stat().st_mode & 0o777 == 0o600 and "made it 0600" in said[0]
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    _check_authentication(None, said.append)
-    assert "OFF" not in capsys.readouterr().err
-
-
-LISTENERS = """
-import json, os, sys
-sys.path.insert(0, {root!r})
-from harness import orchestrate
-import psutil  # Ray's own copy (ray/thirdparty_files), on the path once Ray is imported
-orchestrate.start_ray(None, num_cpus=1, dashboard=True)
-import ray
-ray.get(ray.remote(lambda: 1).remote())
-mine = {{p.pid for p in psutil.Process().children(recursive=True)}} | {{os.getpid()}}
-found = sorted({{c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in mine}})
-orchestrate.shutdown()
-print(json.dumps({{"listen": found, "token_in_env": bool(os.environ.get("RAY_AUTH_TOKEN"))}}))
-"""
-
-
-@pytest.mark.slow
-def test_a_local_ray_listens_on_loopback_only_and_writes_no_token_file(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
-    env.update(HOME=str(tmp_path), RAY_AUTH_MODE="token")
-    out = subprocess.run([sys.executable, "-c", LISTENERS.format(root=str(ROOT))], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["listen"] and set(seen["listen"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, seen
-    assert seen["token_in_env"]  # this run's own token, in its processes' environment
-    assert not (tmp_path / ".ray" / "auth_token").exists()
-
-
-def test_a_narrower_rerun_through_the_cli_keeps_every_finished_row(tiny_run, tmp_path, monkeypatch, capsys):
-    """The bar of issue 19 on a real run: tiny_run trained stages 1 and 2; a rerun of stage 1 alone trains nothing
-    (no Ray starts) and results.parquet still holds both finished trials."""
-    import shutil
-
-    runs = tmp_path / "runs"
-    shutil.copytree(tiny_run[0] / "runs", runs)
-    before = pd.read_parquet(runs / "tiny" / "fast" / "results.parquet")
-    assert len(before) == 2 and (before["status"] == "finished").all()
-    study = tmp_path / "tiny.yaml"
-    study.write_text(TINY_STUDY)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    rc = main([str(study), "--profile", "fast", "--runs-dir", str(runs), "--reports-dir", str(tmp_path / "reports"),
-               "--set", "grid.method.stages=[1]", "--set", "grid.method.jigsaw=[true]"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "0 trials trained, 1 skipped" in out
-    after = pd.read_parquet(runs / "tiny" / "fast" / "results.parquet")
-    assert set(after["trial_id"]) == set(before["trial_id"]) and after["in_grid"].sum() == 1
-    assert "1 more finished trial of this study and profile" in (tmp_path / "reports" / "tiny" / "fast" /
-                                                                 "table.md").read_text()
