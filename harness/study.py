@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from harness import study_yaml
 from harness.backbones import BackboneConfig
+from harness.escape import printable
 from harness.paths import name_problem
 from harness.registry import RegistryError, did_you_mean
 from harness.schema import ConfigModel
@@ -287,5 +288,5 @@ def load_study(path: str | os.PathLike, profile: str | None = None, overrides: t
         except RegistryError as e:
             raise StudyError(f"{path}: {e}") from None
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FutureWarning)):
-        print(f"{path}: {message}", file=sys.stderr)
+        print(printable(f"{path}: {message}"), file=sys.stderr)
     return resolved
