@@ -37,7 +37,7 @@ from harness import precision as precisions
 from harness._atomic import atomic_write
 from harness.backbones import build_backbone
 from harness.complexity import inference_complexity
-from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet, target_boxes
+from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet, carve_validation, target_boxes
 from harness.distributed import Collective, sync_batchnorm
 from harness.explain import localisation_scores, method_maps, pack_maps
 from harness.plugin import METHODS, Method, OptimizerSteps
@@ -223,6 +223,10 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         set_threads(threads)
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.parse(config)
     train, seed = cfg.train, cfg.seed
+    held_out = None
+    if cfg.validation is not None:  # a search trial: the rest of the training split, scored on its held-out part
+        imageset, held_out = carve_validation(imageset, cfg.validation.fraction, cfg.validation.seed)  # test sealed
+    scored, prefix = (held_out, "val") if held_out is not None else (imageset.test, "test")
     device = pick_device(train.device)
     precision = precisions.resolve(train.precision, device)
     warning = precisions.emulation_warning(precision, device)
@@ -257,7 +261,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                                padding=train.crop_padding, hflip=train.hflip, colour_jitter=train.colour_jitter,
                                random_scale=train.random_scale, boxes=boxes, **shard)
     eval_batch = train.eval_batch_size or 2 * train.batch_size
-    test_pipe = BatchPipeline(imageset.test, train.image_size, max(1, eval_batch // world), train=False, **shard)
+    test_pipe = BatchPipeline(scored, train.image_size, max(1, eval_batch // world), train=False, **shard)
     if len(train_pipe) == 0:
         raise ValueError(f"the training split has {len(imageset.train)} images, fewer than one batch of "
                          f"train.batch_size={train.batch_size}: nothing would be trained; lower train.batch_size")
@@ -312,11 +316,13 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         metrics = {"epoch": epoch + 1, **{f"train/{k}": v / max(batches, 1) for k, v in sums.items()},
                    "lr": optimizer.param_groups[0]["lr"], "train/images_per_s": epoch_images / max(epoch_time, 1e-9),
                    "train/epoch_time_s": epoch_time}
-        if epoch + 1 == train.epochs:  # the last epoch's evaluation also keeps each test image's outcome
+        if held_out is not None:  # a search trial ASHA may stop after any epoch: its cost so far, in every epoch
+            metrics.update({"cpu_time_s": time.process_time() - cpu_start, "wall_time_s": time.perf_counter() - wall_start})
+        if epoch + 1 == train.epochs and held_out is None:  # the last test also keeps each test image's outcome
             scores, last_correct = evaluate(method, test_pipe, autocast, collective=collective, per_image=True)
             metrics.update(scores)
-        elif (epoch + 1) % train.eval_every == 0:
-            metrics.update(evaluate(method, test_pipe, autocast, collective=collective))
+        elif (epoch + 1) % train.eval_every == 0 or held_out is not None:  # ASHA reads every search epoch
+            metrics.update(evaluate(method, test_pipe, autocast, prefix=prefix, collective=collective))
         history.append(metrics)
         checkpoint = None
         if collective.is_primary:
@@ -328,22 +334,14 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         io.report(dict(metrics), checkpoint)
 
     final = dict(metrics)
-    if last_correct is None:  # resumed after the last epoch: evaluate it again for the per-image outcome
-        final.update((scores := evaluate(method, test_pipe, autocast, collective=collective, per_image=True))[0])
-        last_correct = scores[1]
-    final["test/correct"] = pack_correct(last_correct.numpy())
-    final["test/set_hash"] = split_hash(imageset.test.labels, imageset.test.images)  # which images those are
-    if train.eval_flips:
-        final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip", collective=collective))
-        final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip", collective=collective))
-    final.update(best_epochs(history))
-    test_boxes = target_boxes(imageset, "test")
-    if test_boxes is not None:  # where the primary head looks, against the true discriminative region
-        located = BatchPipeline(imageset.test, train.image_size, max(1, eval_batch // world), train=False,
-                                boxes=test_boxes, **shard)
-        final.update(localisation_scores(method, located, collective))
-    if cfg.report.maps and collective.is_primary:
-        final["maps"] = fixed_image_maps(method, imageset, train.image_size, cfg.report.maps, device, mean, std)
+    if held_out is not None:  # a search trial: its validation scores and which images those were; no test
+        if "val/acc" not in final:  # resumed after the last epoch
+            final.update(evaluate(method, test_pipe, autocast, prefix="val", collective=collective))
+        final.update(best_epochs(history, prefix="val"))
+        final.update(validation_record(held_out, len(imageset.train) + len(held_out)))
+    else:
+        final.update(_test_record(method, imageset, cfg, test_pipe, autocast, collective, last_correct, history,
+                                  shard, device, mean, std))
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
     if reference:  # timed before and after training: a load that changed meanwhile weighs on both alike
@@ -361,6 +359,44 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     return final
 
 
+def _test_record(method: Method, imageset: ImageSet, cfg: TrialConfig, test_pipe: BatchPipeline, autocast,
+                 collective: Collective, last_correct, history: list[dict], shard: dict, device: torch.device,
+                 mean: tuple, std: tuple) -> dict:
+    """What a table cell records of the test split: each image's outcome, the set's hash, flips, best epochs,
+    localisation and the report's maps."""
+    train, world = cfg.train, collective.world_size
+    eval_batch = train.eval_batch_size or 2 * train.batch_size
+    final: dict = {}
+    if last_correct is None:  # resumed after the last epoch: evaluate it again for the per-image outcome
+        final.update((scores := evaluate(method, test_pipe, autocast, collective=collective, per_image=True))[0])
+        last_correct = scores[1]
+    final["test/correct"] = pack_correct(last_correct.numpy())
+    final["test/set_hash"] = split_hash(imageset.test.labels, imageset.test.images)  # which images those are
+    if train.eval_flips:
+        final.update(evaluate(method, test_pipe, autocast, flip=-1, prefix="test_hflip", collective=collective))
+        final.update(evaluate(method, test_pipe, autocast, flip=-2, prefix="test_vflip", collective=collective))
+    final.update(best_epochs(history))
+    test_boxes = target_boxes(imageset, "test")
+    if test_boxes is not None:  # where the primary head looks, against the true discriminative region
+        located = BatchPipeline(imageset.test, train.image_size, max(1, eval_batch // world), train=False,
+                                boxes=test_boxes, **shard)
+        final.update(localisation_scores(method, located, collective))
+    if cfg.report.maps and collective.is_primary:
+        final["maps"] = fixed_image_maps(method, imageset, train.image_size, cfg.report.maps, device, mean, std)
+    return final
+
+
+def validation_record(held_out, train_size: int) -> dict:
+    """How a search trial's validation split was made and which images it holds (harness.data.imageset
+    validation_rows): its size, the hash of its labels and images, and the held-out positions in the training
+    split as a bitmask (harness.stats.pack_correct), so the split can be checked against any other trial's."""
+    members = np.zeros(train_size, dtype=bool)
+    members[np.asarray(held_out.rows)] = True
+    images = np.asarray(held_out.images)[np.asarray(held_out.rows)] if len(held_out) else held_out.images[:0]
+    return {"val/images": len(held_out), "val/set_hash": split_hash(held_out.labels, images),
+            "val/members": pack_correct(members), "test_split": "sealed"}
+
+
 def fixed_image_maps(method: Method, imageset: ImageSet, size: int, count: int, device: torch.device,
                      mean: tuple, std: tuple) -> str:
     """The maps of harness.explain on the first `count` test images (centre crops: the same for every trial
@@ -372,24 +408,24 @@ def fixed_image_maps(method: Method, imageset: ImageSet, size: int, count: int, 
     return pack_maps(shown, labels.cpu().numpy(), method_maps(method, images, labels))
 
 
-def best_epochs(history: list[dict]) -> dict[str, float]:
+def best_epochs(history: list[dict], prefix: str = "test") -> dict[str, float]:
     """The best evaluated epoch of the primary head (`best_epoch`, its accuracy `test/acc_best`) and every head's
     accuracy at that same epoch (`test/acc_best/<head>`, `best_epoch/<head>` = `best_epoch`), so one row's head
     columns all come from one model, as the PMG and WS-DAN authors report theirs (`test/acc` stays the last
     epoch's). Each head's own best over the epochs is kept apart: `test/acc_best_own/<head>` and
-    `best_epoch_own/<head>`. Ties go to the earliest epoch."""
-    evaluated = [h for h in history if "test/acc" in h]
+    `best_epoch_own/<head>`. Ties go to the earliest epoch. `prefix="val"`: the same of a search trial's validation scores."""
+    evaluated = [h for h in history if f"{prefix}/acc" in h]
     if not evaluated:
         return {}
-    best = max(evaluated, key=lambda h: (h["test/acc"], -h["epoch"]))
-    out: dict[str, float] = {"test/acc_best": best["test/acc"], "best_epoch": best["epoch"]}
-    heads = sorted({k.removeprefix("test/acc/") for h in evaluated for k in h if k.startswith("test/acc/")})
+    best = max(evaluated, key=lambda h: (h[f"{prefix}/acc"], -h["epoch"]))
+    out: dict[str, float] = {f"{prefix}/acc_best": best[f"{prefix}/acc"], "best_epoch": best["epoch"]}
+    heads = sorted({k.removeprefix(f"{prefix}/acc/") for h in evaluated for k in h if k.startswith(f"{prefix}/acc/")})
     for head in heads:
-        key = f"test/acc/{head}"
+        key = f"{prefix}/acc/{head}"
         if key in best:
-            out[f"test/acc_best/{head}"], out[f"best_epoch/{head}"] = best[key], best["epoch"]
+            out[f"{prefix}/acc_best/{head}"], out[f"best_epoch/{head}"] = best[key], best["epoch"]
         own = max((h for h in evaluated if key in h), key=lambda h: (h[key], -h["epoch"]))
-        out[f"test/acc_best_own/{head}"], out[f"best_epoch_own/{head}"] = own[key], own["epoch"]
+        out[f"{prefix}/acc_best_own/{head}"], out[f"best_epoch_own/{head}"] = own[key], own["epoch"]
     return out
 
 

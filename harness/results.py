@@ -33,6 +33,7 @@ from harness.paths import inside
 from harness.trials import TrialSpec
 
 FINISHED, FAILED = "finished", "failed"
+STOPPED = "stopped"  # a search trial its scheduler (ASHA) stopped early: done, with the epochs it trained
 
 
 def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -125,7 +126,7 @@ class ResultStore:
         if self._versions is None:
             self._versions = versions()
         cfg = spec.config
-        row = {"trial_id": spec.trial_id, "status": status, "error": error, "study": spec.study,
+        row = {"trial_id": spec.trial_id, "kind": spec.kind, "status": status, "error": error, "study": spec.study,
                "profile": spec.profile, "method": cfg["method"]["name"], "dataset": cfg["dataset"]["name"],
                "backbone": cfg["backbone"]["name"], "seed": cfg["seed"], "grids": json.dumps(spec.grids),
                **{axis: _plain(value) for axis, value in spec.axes.items()},
@@ -154,7 +155,7 @@ class ResultStore:
         current = {spec.trial_id for spec in trials}
         study, profile = trials[0].study, trials[0].profile
         return [r for t in self.stored_ids() if t not in current and (r := self.record(t)) is not None
-                and r.get("status") == FINISHED and r.get("study") == study and r.get("profile") == profile]
+                and r.get("status") in (FINISHED, STOPPED) and r.get("study") == study and r.get("profile") == profile]
 
     def write_tables(self, trials: list[TrialSpec], curves: bool = True) -> pd.DataFrame:
         """results.parquet (and curves.parquet, unless `curves=False`): the study's current trials (`in_grid`

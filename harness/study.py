@@ -23,6 +23,7 @@ from harness.escape import printable
 from harness.paths import name_problem
 from harness.registry import RegistryError, did_you_mean
 from harness.schema import ConfigModel
+from harness.search import SearchConfig
 from harness.study_errors import StudyError, Where, format_errors
 from harness.study_overrides import (  # noqa: F401 - re-exported: the study API
     _deep_merge, _interpolate, _yield_to_pipeline, get_dotted, non_finite, parse_override, set_dotted)
@@ -201,6 +202,9 @@ class Study(Strict):
     protocol: dict[str, Any] = Field(default_factory=dict, description=(
         "the paper's protocol, knob -> value or {value, note}, and its source; the report and --dry-run put the "
         "profile's own beside it (harness.protocol)"))
+    search: SearchConfig | None = Field(None, description=(
+        "tune every grid cell with the same budget on a validation split, then retrain each one's best "
+        "configuration for the seeds: those are the table's cells (harness.search)"))
 
     # Set by load_study, not by the file.
     path: str = ""
@@ -285,6 +289,9 @@ def load_study(path: str | os.PathLike, profile: str | None = None, overrides: t
         study.path, study.profile = str(path), selected
         try:
             resolved = resolve(study, where, max_trials=max_trials, on_count=on_count)
+            if study.search is not None:  # every knob checked against every method it tunes, before anything runs
+                from harness.search import plan_search
+                resolved.search = plan_search(study, resolved, where, max_trials)
         except RegistryError as e:
             raise StudyError(f"{path}: {e}") from None
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, FutureWarning)):

@@ -24,6 +24,7 @@ from harness.backbones import BackboneConfig
 from harness.data import DATASETS, DatasetParams
 from harness.plugin import METHODS, MethodParams
 from harness.registry import did_you_mean
+from harness.search import ValidationConfig
 from harness.study import (MAX_TRIALS, SECTIONS_IN_GRID, ReportConfig, Study, StudyError, TrainConfig, get_dotted,
                            set_dotted)
 from harness.study_errors import Where, format_errors
@@ -37,9 +38,13 @@ class TrialSpec:
     config: dict  # {"method", "dataset", "backbone", "train", "seed"}: plain JSON data
     axes: dict[str, Any] = field(default_factory=dict)  # grid axis (dotted) -> value
     grids: list[str] = field(default_factory=list)  # the named grids this trial belongs to
+    kind: str = "final"  # "final": a table cell; "search": a trial of a study's search (harness.search)
+    title: str = ""  # a label of its own (a search trial's: its cell and its number in the search)
 
     @property
     def label(self) -> str:
+        if self.title:
+            return self.title
         parts = [f"{k}={v}" for k, v in self.axes.items()] + [f"seed={self.config['seed']}"]
         return ",".join(parts)
 
@@ -54,11 +59,16 @@ class TrialConfig:
     train: TrainConfig
     seed: int
     report: ReportConfig = field(default_factory=ReportConfig)  # what the trial stores for the report
+    # A search trial's validation split (harness.search): it trains on the rest of the training split, is scored
+    # on this, and never sees the test split. None: a table cell (the whole training split, the test split).
+    validation: ValidationConfig | None = None
 
     @classmethod
     def parse(cls, config: dict) -> "TrialConfig":
         sections = {s: model.model_validate(config[s]) for s, model in _section_models(config).items()}
-        return cls(**sections, seed=int(config["seed"]), report=ReportConfig.model_validate(config.get("report", {})))
+        validation = ValidationConfig.model_validate(config["validation"]) if config.get("validation") else None
+        return cls(**sections, seed=int(config["seed"]), report=ReportConfig.model_validate(config.get("report", {})),
+                   validation=validation)
 
     @property
     def stored_size(self) -> int:
@@ -74,7 +84,8 @@ def stored_size(config_or_train: dict) -> int:
 @dataclass
 class ResolvedStudy:
     study: Study
-    trials: list[TrialSpec]
+    trials: list[TrialSpec]  # with `search:`, the untuned cells (their search units: `search`)
+    search: Any = None  # harness.search.SearchPlan of a study with `search:`
 
     @property
     def name(self) -> str:
@@ -114,6 +125,8 @@ def identity_config(config: dict) -> dict:
     out: dict = {"seed": config["seed"]}
     for section, model in _section_models(config).items():
         out[section] = dict(_identity_section(section, model, config[section]))
+    if config.get("validation"):  # a search trial computes something else than the cell with the same settings
+        out["validation"] = dict(config["validation"])
     return out
 
 

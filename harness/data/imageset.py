@@ -27,9 +27,65 @@ class Split:
     images: np.ndarray  # (N, 3, R, R) uint8
     labels: np.ndarray  # (N,) int64 in [0, C)
     boxes: np.ndarray | None = None  # (N, P, 4) float xyxy in pixels of the stored size, -1 if absent
+    # The rows of `images` this split holds, in order (a validation split and the training images left beside it
+    # share the training split's images without a copy); None: every row. labels and boxes are the split's own.
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+class TestSplitSealed(RuntimeError):
+    """A search trial touched the test split."""
+
+
+class SealedSplit:
+    """The test split as a search trial holds it: any use of it (its images, labels, boxes, length) raises, so
+    a search that would read it fails loudly instead of choosing a configuration on the test set."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise TestSplitSealed(f"a search trial read the test split ({name}): search trials see the training "
+                              "split only, scored on its validation part")
+
+    def __len__(self) -> int:
+        raise TestSplitSealed("a search trial read the test split (its length)")
+
+
+def validation_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The training images held out for validation, stratified per class: the images of class c (in the training
+    split's order) are permuted by numpy's default_rng([seed, c]) and the first round(fraction x n_c) held out,
+    at least one and at most n_c - 1 of a class with two images or more (none of a class with one). Returns
+    their sorted positions in the training split: a function of the labels, the fraction and the seed alone, so
+    every method, trial and node holds out the same images."""
+    labels = np.asarray(labels)
+    held = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) < 2:
+            continue
+        k = min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        held.append(members[np.random.default_rng([seed, int(c)]).permutation(len(members))[:k]])
+    return np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+
+
+def _subset(split: Split, positions: np.ndarray) -> Split:
+    rows = positions if split.rows is None else np.asarray(split.rows)[positions]
+    return Split(images=split.images, labels=np.asarray(split.labels)[positions],
+                 boxes=None if split.boxes is None else np.asarray(split.boxes)[positions], rows=rows)
+
+
+def carve_validation(imageset: "ImageSet", fraction: float, seed: int) -> tuple["ImageSet", Split]:
+    """A search trial's data: (the ImageSet with the rest of the training split as `train` and the test split
+    sealed, the validation split). Both splits view the training images (no copy); the test split is never read,
+    not even its labels."""
+    held = validation_rows(imageset.train.labels, fraction, seed)
+    keep = np.setdiff1d(np.arange(len(imageset.train)), held)
+    rest = ImageSet(name=imageset.name, num_classes=imageset.num_classes, class_names=imageset.class_names,
+                    train=_subset(imageset.train, keep), test=SealedSplit(), part_names=imageset.part_names,
+                    meta=imageset.meta)
+    return rest, _subset(imageset.train, held)
 
 
 @dataclass
@@ -96,6 +152,7 @@ class BatchPipeline:
                  rank: int = 0, world_size: int = 1, channels_last: bool = False,
                  random_scale: list[float] | None = None, boxes: np.ndarray | None = None):
         self.images, self.labels = as_tensor(split.images), as_tensor(split.labels)
+        self.rows = None if split.rows is None else torch.as_tensor(np.asarray(split.rows, dtype=np.int64))
         stored = self.images.shape[-1]
         if image_size > stored + 2 * padding:
             raise ValueError(f"image_size {image_size} is larger than the stored size {stored} (+2*padding {padding})")
@@ -141,7 +198,7 @@ class BatchPipeline:
             labels = self.labels[idx]
             if self.pin:
                 labels = labels.pin_memory()
-            images, placement = self._make(idx, augment)
+            images, placement = self._make(idx if self.rows is None else self.rows[idx], augment)
             labels = labels.to(self.device, non_blocking=True)
             if self.boxes is None:
                 yield images, labels

@@ -281,6 +281,14 @@ def _run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str
                progress: bool, connect_timeout: float) -> RunSummary:
     store = ResultStore(run_dir)
     summary = RunSummary(total=len(resolved.trials))
+    if resolved.search is not None:  # tune every cell, then retrain each one's best (harness.search)
+        from harness.orchestrate._search import run_search
+
+        def setup(todo):
+            return _setup(resolved, run_dir, todo, address, num_cpus, log, storage, loggers, connect_timeout,
+                          max_retries, summary)
+
+        return run_search(resolved, store, summary, setup, log, max_retries, keep_checkpoints, progress)
     done = store.finished_ids([t.trial_id for t in resolved.trials])
     # Longest first (stable): on a few slots the last trial to start is a short one, so the table is done soonest.
     todo = sorted((t for t in resolved.trials if t.trial_id not in done), key=lambda t: -estimated_cost(t.config))
@@ -291,7 +299,25 @@ def _run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str
     if not todo:
         store.write_tables(resolved.trials)
         return summary
+    env = _setup(resolved, run_dir, todo, address, num_cpus, log, storage, loggers, connect_timeout, max_retries,
+                 summary)
+    return _run_grid(resolved, todo, summary, store, env, log, max_retries, keep_checkpoints, progress)
 
+
+@dataclass
+class _Setup:
+    """What a run's Tune experiments need: trackers, the storage and its checkpoints, class counts, trial settings."""
+
+    trackers: Trackers
+    where: Storage
+    checkpoints: CheckpointStore
+    num_classes: dict
+    common: dict
+
+
+def _setup(resolved: ResolvedStudy, run_dir, todo, address: str | None, num_cpus: int | None, log, storage: str | None,
+           loggers, connect_timeout: float, max_retries: int, summary: RunSummary) -> _Setup:
+    """Before the first trial: trackers, pretrained weights, Ray, the storage, each dataset decoded on a node."""
     trackers = Trackers(list(loggers), run_dir, resolved.name, log)  # a missing tracker package fails here
     # Pretrained weights on this machine before anything starts: offline, a missing tag fails here (exit 2).
     for name, pretrained in {(s.config["backbone"]["name"], s.config["backbone"]["pretrained"]) for s in todo}:
@@ -320,9 +346,17 @@ def _run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str
     log("; ".join(describe_here(r, gpu=resources.gpu > 0) for r in requested) +
         f"; torch threads per trial: {max(1, int(resources.cpu))} (resources.cpu)")
     num_classes = prepare_datasets(todo, log)
-
     common = {"workers": resources.workers, "cpu": resources.cpu, "gpu": resources.gpu, "max_retries": max_retries,
               "train_storage": where.uri(checkpoints.train_root)}
+    return _Setup(trackers, where, checkpoints, num_classes, common)
+
+
+def _run_grid(resolved: ResolvedStudy, todo, summary: RunSummary, store: ResultStore, env: "_Setup", log,
+              max_retries: int, keep_checkpoints: bool, progress: bool) -> RunSummary:
+    """The grid's unfinished trials in one Tune experiment."""
+    trackers, where, checkpoints, num_classes, common = (env.trackers, env.where, env.checkpoints, env.num_classes,
+                                                         env.common)
+    resources = resolved.study.resources
     checkpoints.clear_timeouts([s.trial_id for s in todo])  # a rerun gets a fresh limit (it may have been raised)
     payload = [{"trial_id": spec.trial_id, "config": spec.config, **common,
                 "timeout_marker": checkpoints.timeout_marker(spec.trial_id),

@@ -64,11 +64,13 @@ class StoreCallback(tune.Callback):
         self.store.write_tables(self.all_trials, curves=False)
         done = self.summary.finished | self.summary.failed
         if trial_id not in done:
-            (self.summary.finished if status == FINISHED else self.summary.failed).add(trial_id)
+            (self.summary.failed if status == FAILED else self.summary.finished).add(trial_id)
         count = f"[{len(self.summary.finished | self.summary.failed)}/{self.summary.total}]"
-        if status == FINISHED:
-            acc, wall = metrics.get("test/acc", float("nan")), metrics.get("wall_time_s", 0)
-            self._say(trial_id, f"{count} finished {spec.label}: test/acc={acc:.4f} "
+        if status != FAILED:  # finished, or a search trial its scheduler stopped early (STOPPED)
+            metric = "val/acc" if spec.kind == "search" else "test/acc"  # a search trial never sees the test split
+            acc, wall = metrics.get(metric, float("nan")), metrics.get("wall_time_s", 0) or 0
+            verb = "finished" if status == FINISHED else f"stopped after epoch {metrics.get('epoch', '?')}"
+            self._say(trial_id, f"{count} {verb} {spec.label}: {metric}={acc:.4f} "
                                 f"({wall:.0f} s, {metrics.get('train/images_per_s', 0):.0f} img/s)")
         else:
             self._say(trial_id, f"{count} FAILED {spec.label}: {error}")

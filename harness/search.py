@@ -1,0 +1,393 @@
+"""Fair comparisons: the `search:` section of a study, its search spaces, and the plan of a search.
+
+A study with `search:` does not train its grid cells with one hand-picked recipe. For every cell (a method
+on a dataset, ...) it searches the knobs of `search.space`, the same space and the same budget for every
+method unless `search.methods.<method>` says otherwise, on a validation split carved from the training
+split (harness.data.imageset.carve_validation: never the test split); the best configuration of each cell
+is then retrained on the whole training split for the study's seeds and tested, and those final cells are
+the table's. harness.orchestrate runs it through Ray Tune (a searcher per cell, ASHA per cell); this module
+is plain data and Python, no Ray.
+
+    search:
+      space:                                  # dotted paths into method, train or backbone
+        train.lr: loguniform(0.01, 0.3)       # uniform(a, b), loguniform(a, b), randint(a, b), choice([...])
+        train.weight_decay: loguniform(1.0e-5, 1.0e-3)
+      methods:                                # per method (its grid label or name): more knobs, its own budget
+        pmg:
+          space: {method.stages: [2, 3]}      # a list is a choice (in a {...} mapping, quote "choice([2, 3])")
+      budget: {trials: 8}                     # per method and grid cell; or device_hours (GPU- or CPU-hours)
+      searcher: tpe                           # tpe (Optuna's, through Tune; the `tune` extra) or random
+      scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # or fifo: every trial trains to the end
+      metric: val/acc                         # maximised; val/acc/<head> for another head
+      validation: {fraction: 0.2, seed: 0}    # per class, see carve_validation
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, Field, model_validator
+
+from harness.schema import ConfigModel
+
+SEARCH_SECTIONS = ("method", "train", "backbone")  # what a knob may tune (the dataset is what is compared on)
+# Not knobs: the scheduler's time axis, and settings that change how a trial runs, not what it computes.
+NOT_KNOBS = {"train.epochs": "train.epochs is the search's time axis (ASHA's max_t); tune the other knobs",
+             "train.timeout_s": "train.timeout_s changes how a trial runs, not what it computes",
+             "train.reference_workload": "train.reference_workload changes how a trial runs, not what it computes",
+             "train.device": "train.device changes where a trial runs, not what it computes"}
+FORMS = "uniform(low, high), loguniform(low, high), randint(low, high) (both ends included) or choice([a, b, ...])"
+
+
+# ----------------------------------------------------------------------------- distributions
+
+@dataclass(frozen=True)
+class Distribution:
+    """One knob's search distribution: uniform/loguniform over [low, high], randint over low..high (both
+    included), or choice over values."""
+
+    kind: Literal["uniform", "loguniform", "randint", "choice"]
+    low: float | int | None = None
+    high: float | int | None = None
+    values: tuple = ()
+
+    def corners(self) -> list:
+        """The values that bound the distribution: if these validate, every value it draws does."""
+        return list(self.values) if self.kind == "choice" else [self.low, self.high]
+
+    def __str__(self) -> str:
+        if self.kind == "choice":
+            return f"choice({json.dumps(list(self.values))})"
+        return f"{self.kind}({self.low!r}, {self.high!r})"
+
+
+def _number(text: str, integer: bool) -> float | int:
+    text = text.strip()
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not {'a whole number' if integer else 'a number'}") from None
+    if not math.isfinite(value):
+        raise ValueError("give finite bounds (infinity and NaN are not allowed)")
+    return value
+
+
+def parse_distribution(spec: Any) -> Distribution:
+    """A knob's distribution from its study text: 'loguniform(1e-3, 1e-1)', 'choice([2, 3])', or a list (a choice).
+    Raises ValueError naming the forms allowed."""
+    if isinstance(spec, list):
+        return _choice(spec)
+    if not isinstance(spec, str) or "(" not in spec or not spec.strip().endswith(")"):
+        raise ValueError(f"give a distribution: {FORMS} (got {spec!r})")
+    name, _, inner = spec.strip()[:-1].partition("(")
+    name = name.strip()
+    if name == "choice":
+        try:
+            args = yaml.safe_load(f"[{inner}]")
+        except yaml.YAMLError as e:
+            raise ValueError(f"choice(...): cannot read its values ({e.problem if hasattr(e, 'problem') else e})") from None
+        if len(args) != 1 or not isinstance(args[0], list):
+            raise ValueError(f"write choice([a, b, ...]) with the values in brackets (got {spec!r})")
+        return _choice(args[0])
+    if name not in ("uniform", "loguniform", "randint"):
+        raise ValueError(f"unknown distribution {name!r}: give {FORMS}")
+    parts = inner.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"{name}(low, high) takes two bounds (got {spec!r})")
+    low, high = (_number(p, integer=name == "randint") for p in parts)
+    if not low < high:
+        raise ValueError(f"{name}({low}, {high}): low must be below high")
+    if name == "loguniform" and low <= 0:
+        raise ValueError(f"loguniform({low}, {high}): the bounds must be positive")
+    return Distribution(name, low, high)
+
+
+def _choice(values: list) -> Distribution:
+    if not values:
+        raise ValueError("choice([...]) needs at least one value")
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("choice: infinity and NaN are not allowed")
+        if not isinstance(v, (bool, int, float, str)) and v is not None:
+            raise ValueError(f"choice: give plain values (numbers, text, true/false), not {type(v).__name__}s "
+                             "(TPE draws categories of plain values)")
+    dumped = [json.dumps(v, sort_keys=True) for v in values]
+    if len(set(dumped)) != len(dumped):
+        raise ValueError(f"choice({values}): repeated values; list each once")
+    return Distribution("choice", values=tuple(values))
+
+
+def _check_distribution(spec: Any) -> Any:
+    parse_distribution(spec)
+    return spec
+
+
+Knob = Annotated[str | list[Any], AfterValidator(_check_distribution)]
+
+
+# ----------------------------------------------------------------------------- the section's schema
+
+class Budget(ConfigModel):
+    trials: int | None = Field(None, ge=1, le=10_000, description="search trials per method (and grid cell)")
+    device_hours: float | None = Field(None, gt=0.0, le=1e6, description=(
+        "device-hours per method (and grid cell): GPU-hours when resources.gpu > 0, else CPU-hours (each trial's "
+        "wall time x the devices it holds); no new search trial starts once they are spent"))
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "Budget":
+        if self.trials is None and self.device_hours is None:
+            raise ValueError("give trials: N, device_hours: H, or both (the search stops at the first reached)")
+        return self
+
+    def describe(self, kind: str = "device-hours") -> str:
+        parts = ([f"{self.trials} trials"] if self.trials else []) + \
+                ([f"{self.device_hours:g} {kind}"] if self.device_hours else [])
+        return " or ".join(parts)
+
+
+class SchedulerConfig(ConfigModel):
+    name: Literal["asha", "fifo"] = Field("asha", description="asha: Tune's ASHA stops the weaker trials at "
+                                          "grace_period x reduction_factor^k epochs; fifo: every trial trains "
+                                          "to the end")
+    grace_period: int = Field(1, ge=1, le=10_000, description="epochs every trial trains before ASHA may stop it")
+    reduction_factor: float = Field(2.0, gt=1.0, le=100.0, description="ASHA keeps the best 1 / this at each rung")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_name_alone(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class ValidationConfig(ConfigModel):
+    fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of each class's training images held out")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="which images are held out (the same for every method)")
+
+
+class MethodSearch(ConfigModel):
+    space: dict[str, Knob] = Field(default_factory=dict, description="knobs this method tunes besides (or instead "
+                                   "of) search.space's")
+    budget: Budget | None = Field(None, description="this method's own budget (default: search.budget)")
+
+
+class SearchConfig(ConfigModel):
+    space: dict[str, Knob] = Field(default_factory=dict, description="knob (dotted path) -> distribution, the same "
+                                   "for every method")
+    methods: dict[str, MethodSearch] = Field(default_factory=dict, description="per method, by its grid label or "
+                                             "name: more knobs or its own budget")
+    budget: Budget = Field(..., description="per method (and grid cell)")
+    searcher: Literal["tpe", "random"] = Field("tpe", description="tpe: Optuna's TPE through Tune (pip install -e "
+                                               "'.[tune]'); random: Tune's sampling of each distribution")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    metric: str = Field("val/acc", pattern=r"^val/acc(/[A-Za-z0-9_.-]{1,100})?$", description=(
+        "maximised, on the validation split: val/acc (the primary head) or val/acc/<head>"))
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="the searchers' seed")
+    startup_trials: int | None = Field(None, ge=1, le=1_000, description=(
+        "tpe: random trials before TPE models the results (default: a third of the trial budget, 2 to 10)"))
+
+    def describe(self, kind: str = "device-hours") -> str:
+        """'tuned (budget 6 trials, searcher tpe, scheduler asha)': what the table says."""
+        budgets = {self.budget.describe(kind)} | {m.budget.describe(kind) for m in self.methods.values() if m.budget}
+        budget = " / ".join(sorted(budgets)) + (" per method" if len(budgets) == 1 else " (per method, see search)")
+        scheduler = self.scheduler.name + (f" (grace {self.scheduler.grace_period}, "
+                                           f"reduction {self.scheduler.reduction_factor:g})"
+                                           if self.scheduler.name == "asha" else "")
+        return f"tuned (budget {budget}, searcher {self.searcher}, scheduler {scheduler})"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass
+class SearchUnit:
+    """One grid cell's search: its base config (the cell's resolved sections, no seed), its knobs and budget."""
+
+    unit_id: str
+    label: str
+    axes: dict
+    base: dict
+    knobs: dict[str, Distribution]
+    budget: Budget
+    seeds: list[int]
+    validation: dict
+    epochs: int
+    devices: float  # GPUs (or CPUs) one trial holds: device-hours = wall time x this
+
+    @property
+    def sampler_seed(self) -> int:
+        return int(self.unit_id[:8], 16)
+
+    def _config(self, values: dict, seed: int) -> dict:
+        from harness.study import set_dotted
+
+        config = json.loads(json.dumps(self.base))
+        for path, value in values.items():
+            set_dotted(config, path, value)
+        return {**config, "seed": seed}
+
+    def search_config(self, values: dict) -> dict:
+        """A search trial: the cell with these knob values, trained with the study's first seed on the training
+        split minus the validation split, scored on the validation split."""
+        return _validated({**self._config(values, self.seeds[0]), "validation": dict(self.validation)})
+
+    def final_config(self, values: dict, seed: int) -> dict:
+        """A final cell: the chosen values, the whole training split, the test split."""
+        return _validated(self._config(values, seed))
+
+
+def _validated(config: dict) -> dict:
+    """Sections in their resolved JSON form (defaults filled in), as the grid's trials are."""
+    from harness.trials import _section_models
+
+    out = {s: json.loads(json.dumps(model.model_validate(config[s]).model_dump(mode="json")))
+           for s, model in _section_models(config).items()}
+    return {**config, **out}
+
+
+@dataclass
+class SearchPlan:
+    config: SearchConfig
+    units: list[SearchUnit] = field(default_factory=list)
+    device_kind: str = "CPU-hours"
+
+    def describe(self) -> str:
+        return self.config.describe(self.device_kind)
+
+    def max_search_trials(self) -> int | None:
+        budgets = [u.budget.trials for u in self.units]
+        return None if any(b is None for b in budgets) else sum(budgets)
+
+
+class _AtKnob:
+    """A Where that points every message at one knob's line."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def at(self, loc) -> str:
+        return self.prefix
+
+    def in_grid(self) -> "_AtKnob":
+        return self
+
+
+def plan_search(study, resolved, where, max_trials: int | None = None) -> SearchPlan:
+    """The units of a study's search, every knob checked against every method it applies to (its path, and the
+    distribution's corners validated as that method's config would be); raises StudyError with the file line."""
+    from harness.registry import did_you_mean
+    from harness.study_errors import StudyError
+    from harness.trials import WHOLE_SECTIONS, _section_models, _validate_sections, all_axes, identity_config
+
+    search: SearchConfig = study.search
+    if study.grids:
+        raise StudyError(f"{where.at(('search',))}search: tunes the cells of one grid: (not named grids:)")
+    gpu = study.resources.gpu > 0
+    plan = SearchPlan(search, device_kind="GPU-hours" if gpu else "CPU-hours")
+    devices = study.resources.workers * (study.resources.gpu if gpu else study.resources.cpu)
+    axes = all_axes(study)
+    cells: dict[str, list] = {}
+    for spec in resolved.trials:  # grid cells x seeds: a unit per cell
+        cells.setdefault(json.dumps(spec.axes, sort_keys=True, default=str), []).append(spec)
+    labels = {(spec.axes.get("method") if "method" in WHOLE_SECTIONS and "method" in spec.axes else None)
+              or spec.config["method"]["name"] for specs in cells.values() for spec in specs}
+    names = {spec.config["method"]["name"] for specs in cells.values() for spec in specs}
+    for key in search.methods:
+        if key not in labels | names:
+            raise StudyError(f"{where.at(('search', 'methods', key))}search.methods.{key}: no method of the study "
+                             f"has that label or name: {did_you_mean(key, sorted(labels | names))}"
+                             f"(methods: {', '.join(sorted(labels | names))})")
+    for specs in cells.values():
+        first = specs[0]
+        method_name = first.config["method"]["name"]
+        label = first.axes.get("method") if "method" in first.axes else method_name
+        own = search.methods.get(str(label)) or search.methods.get(method_name) or MethodSearch()
+        knobs = {**search.space, **own.space}
+        if not knobs:
+            raise StudyError(f"{where.at(('search', 'space'))}search.space: no knob to tune for {label}; "
+                             "give at least one, e.g. train.lr: loguniform(0.01, 0.3)")
+        base = {k: v for k, v in first.config.items() if k != "seed"}
+        models = _section_models(first.config)
+        parsed = {}
+        for path, spec in knobs.items():
+            loc = ("search", "methods", str(label) if str(label) in search.methods else method_name, "space", path) \
+                if path in own.space else ("search", "space", path)
+            at = where.at(loc)
+            section, _, key = path.partition(".")
+            if path in NOT_KNOBS:
+                raise StudyError(f"{at}search knob {path}: {NOT_KNOBS[path]}")
+            if section not in SEARCH_SECTIONS or not key or "." in key:
+                raise StudyError(f"{at}search knob {path!r}: give a dotted path into one of "
+                                 f"{', '.join(SEARCH_SECTIONS)}, e.g. train.lr")
+            fields = [f for f in models[section].model_fields if f != "name"]
+            if key not in fields:
+                raise StudyError(f"{at}search knob {path!r}: {section} of {label} has no key '{key}': "
+                                 f"{did_you_mean(key, fields, prefix=section + '.')}"
+                                 f"(valid keys: {', '.join(sorted(fields))}); a method's own knob goes under "
+                                 f"search.methods.<method>.space")
+            if path in axes:
+                raise StudyError(f"{at}search knob {path} is also a grid axis: tune it or grid it, not both")
+            dist = parse_distribution(spec)
+            for corner in dist.corners():
+                config = json.loads(json.dumps(first.config))
+                from harness.study import set_dotted
+                set_dotted(config, path, corner)
+                _validate_sections(config, _AtKnob(at), f"\n  (search knob {path} = {corner!r} of {dist}, for {label})")
+            parsed[path] = dist
+        budget = own.budget or search.budget
+        identity = identity_config({**first.config, "seed": 0})
+        identity.pop("seed")
+        blob = {"cell": identity, "knobs": {p: str(d) for p, d in sorted(parsed.items())},
+                "searcher": search.searcher, "scheduler": search.scheduler.model_dump(mode="json"),
+                "metric": search.metric, "validation": search.validation.model_dump(mode="json"), "seed": search.seed,
+                "startup_trials": search.startup_trials, "first_seed": study.seeds[0]}
+        from harness import MATH_VERSION
+        unit_id = hashlib.sha256(json.dumps({**blob, "math_version": MATH_VERSION}, sort_keys=True,
+                                            default=str).encode()).hexdigest()[:12]
+        text = ", ".join(f"{a}={v}" for a, v in first.axes.items()) or method_name
+        plan.units.append(SearchUnit(unit_id=unit_id, label=text, axes=dict(first.axes), base=base, knobs=parsed,
+                                     budget=budget, seeds=list(dict.fromkeys(study.seeds)),
+                                     validation=search.validation.model_dump(mode="json"),
+                                     epochs=first.config["train"]["epochs"], devices=devices))
+        _check_metric(search.metric, first.config, where)
+    total = plan.max_search_trials()
+    if max_trials is not None and total is not None and total > max_trials:
+        raise StudyError(f"{where.at(('search', 'budget'))}the search runs up to {total:,} trials ({len(plan.units)} "
+                         f"cells x their budgets), more than the limit of {max_trials:,}; lower search.budget.trials, "
+                         "or raise the limit with --max-trials N if you mean it")
+    return plan
+
+
+def _check_metric(metric: str, config: dict, where) -> None:
+    """val/acc/<head>: a head every searched method has."""
+    from harness.plugin import METHODS
+    from harness.study_errors import StudyError
+    from harness.trials import backbone_num_stages
+
+    head = metric.removeprefix("val/acc").removeprefix("/")
+    if not head:
+        return
+    cls = METHODS.get(config["method"]["name"])
+    heads = cls.head_names(cls.Params.model_validate(config["method"]),
+                           backbone_num_stages(json.dumps(config["backbone"], sort_keys=True)))
+    if head not in heads:
+        raise StudyError(f"{where.at(('search', 'metric'))}search.metric {metric}: {config['method']['name']} has no "
+                         f"head {head!r} (its heads: {', '.join(heads)}); val/acc is each method's primary head")
+
+
+# ----------------------------------------------------------------------------- the choice
+
+def choose_best(outcomes: list[dict], epochs: int) -> dict | None:
+    """The search trial whose configuration the final cells retrain: among the trials that trained every epoch
+    (ASHA stops the others early, before their schedule ended), the highest last-epoch validation score; ties
+    go to the earlier trial. Without such a trial (a device-hour budget spent mid-training), the furthest
+    trained, then the highest score. `outcomes`: {"index", "value", "epochs", "ok"} each; None if none is ok."""
+    usable = [o for o in outcomes if o.get("ok") and o.get("value") is not None and math.isfinite(o["value"])]
+    if not usable:
+        return None
+    complete = [o for o in usable if o["epochs"] >= epochs]
+    pool = complete or usable
+    return max(pool, key=lambda o: (o["epochs"] if not complete else 0, o["value"], -o["index"]))
