@@ -24,6 +24,7 @@ import harness
 from harness.escape import redact_uri
 from harness.protocol import compare, describe
 from harness.results import FAILED, atomic_write_bytes
+from harness import search_report
 from harness.tables import LEGEND
 
 MAP_PX = 96  # each map is shown at this size (nearest neighbour: small test images stay crisp)
@@ -145,7 +146,7 @@ def _trials_table(results: pd.DataFrame, axes: list[str], hours: pd.Series, kind
 
 
 def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tables: dict, localisation: dict,
-               heads: pd.DataFrame, axes: list[str]) -> Path:
+               heads: pd.DataFrame, axes: list[str], search: list[dict] | None = None) -> Path:
     """Render index.html into `out` (the report folder, whose PNG plots it inlines)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -163,7 +164,7 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
         protocol = {"rows": rows, "summary": f"Paper: {study['protocol'].get('source', 'the paper')}. "
                                              f"{sum(bool(r['differs']) for r in rows)} of {len(rows)} knobs differ."}
     plots = [{"name": p.relative_to(out).as_posix(), "data": base64.b64encode(p.read_bytes()).decode()}
-             for p in sorted(out.rglob("*.png"))]
+             for p in sorted(out.rglob("*.png")) if p.relative_to(out).parts[0] != "search"]  # search's: its section
     failed = [{"label": ", ".join(f"{a.split('.')[-1]}={r[a]}" for a in axes if a in results) + f", seed {r['seed']}",
                "error": r.get("error", ""), "traceback": r.get("traceback", "") if isinstance(r.get("traceback"), str) else ""}
               for _, r in results[results["status"] == FAILED].iterrows()]
@@ -185,6 +186,7 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
         heads=html(heads) if not heads.empty else "", plots=plots, cells=cells,
         n_images=len(cells[0]["images"]) if cells else 0, map_px=MAP_PX, protocol=protocol,
         trials=_trials_table(results, axes, hours, kind), failed=failed, version=harness.__version__,
+        search=search_report.html_entries(search or [], out),
         run_dir=run_dir)
     path = out / "index.html"
     atomic_write_bytes(path, page.encode())

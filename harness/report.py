@@ -23,6 +23,7 @@ import yaml
 from harness.escape import latex, latex_label, markdown_frame, printable
 from harness.paths import inside, name_problem
 from harness.results import FAILED, FINISHED, atomic_write_bytes
+from harness.search_report import search_note
 from harness.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
 
 LOCALISATION = ["test/loc/energy", "test/loc/pointing", "test/loc/chance"]
@@ -146,7 +147,18 @@ def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     if "in_grid" in results:  # the tables show the current grid; results.parquet also keeps earlier finished trials
         study["_outside_grid"] = int((~results["in_grid"].fillna(False).astype(bool)).sum())
         results = results[results["in_grid"].fillna(False).astype(bool)].reset_index(drop=True)
+    if "kind" in results:  # a study's search trials are not cells: its report's search section shows them
+        results = results[results["kind"].fillna("final") != "search"].reset_index(drop=True)
     return study, results, curves
+
+
+def search_rows(run_dir: Path) -> pd.DataFrame:
+    """The current search trials of a run (results.parquet rows of kind `search`, in the grid)."""
+    results = pd.read_parquet(run_dir / "results.parquet")
+    if "kind" not in results:
+        return results.iloc[0:0]
+    keep = (results["kind"] == "search") & results.get("in_grid", pd.Series(True, index=results.index)).fillna(False)
+    return results[keep.astype(bool)].reset_index(drop=True)
 
 
 class ReportError(ValueError):
@@ -200,7 +212,7 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         metric = spec.get("metric", "test/acc")
         table = add_references(paper_table(subset, spec["rows"], spec.get("columns"), metric),
                                spec.get("reference"), study.get("path", ""))
-        table.attrs["note"] = mixed_precision_note(subset)
+        table.attrs["note"] = "; ".join(n for n in (search_note(study), mixed_precision_note(subset)) if n)
         tables[name] = (table, metric)
         first_metric = metric if isinstance(metric, str) else metric[0]
         plot_dir = inside(out, name) if name else out  # table names follow the safe-name rule; a second guard
@@ -218,9 +230,17 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
                                for name, t in localisation.items()}},
                  heads, out, f"{study['name']} ({study['profile']} profile)", protocol_markdown(study),
                  outside_note(study))
+    search = []
+    if study.get("search"):  # each cell's search: its trials, their validation scores by epoch, the choice
+        from harness import search_report
+
+        search = search_report.build(run_dir, out, study, search_rows(run_dir), curves)
+        if search:
+            md = (out / "search.md").read_text().split("\n", 1)[1].replace("\n## ", "\n### ")
+            atomic_write_bytes(out / "table.md", (out / "table.md").read_text().encode() + f"\n## Search\n{md}".encode())
     from harness.html_report import write_html
 
-    write_html(out, run_dir, study, results, tables, localisation, heads, axes)
+    write_html(out, run_dir, study, results, tables, localisation, heads, axes, search=search)
     summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
                "failed": int((results["status"] == FAILED).sum()), "outside_grid": study.get("_outside_grid", 0)}
     atomic_write_bytes(out / "summary.json", json.dumps(summary).encode())

@@ -74,12 +74,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def count_text(resolved) -> str:
+    """What a run holds: its trials, or a search's cells, budget and final cells."""
+    plan = resolved.search
+    if plan is None:
+        return f"{len(resolved.trials)} trials"
+    most = plan.max_search_trials()
+    return (f"{len(plan.units)} cells {plan.describe()}: {f'up to {most}' if most else 'a device-hour budget of'} "
+            f"search trials on a validation split, then {len(resolved.trials)} final cells")
+
+
 def print_trials(resolved) -> None:
     from harness.protocol import describe, protocol_markdown
 
-    say(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials")
+    say(f"study {resolved.name}, profile {resolved.profile}: {count_text(resolved)}")
     study = resolved.study.model_dump(mode="json")
     say(protocol_markdown(study) or "\n".join(f"  {k}: {v}" for k, v in describe(study).items()))
+    if resolved.search is not None:
+        for unit in resolved.search.units:
+            knobs = ", ".join(f"{k}: {v}" for k, v in unit.knobs.items())
+            say(f"  search {unit.unit_id}  {unit.label}: {knobs}; budget {unit.budget.describe()}")
+        say("  final cells (their knobs chosen by the search; the identities below are the untuned settings'):")
     for spec in resolved.trials:
         say(f"  {spec.trial_id}  {spec.config['method']['name']:<10} {spec.label}")
 
@@ -128,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         with RunLock(run_dir):
             study_dump = resolved.study.model_dump(mode="json", exclude={"profiles"})
             atomic_write_bytes(run_dir / "study.yaml", yaml.safe_dump(study_dump, sort_keys=False).encode())
-            say(f"study {resolved.name}, profile {resolved.profile}: {len(resolved.trials)} trials -> {run_dir}/")
+            say(f"study {resolved.name}, profile {resolved.profile}: {count_text(resolved)} -> {run_dir}/")
             try:
                 summary = orchestrate.run_study(resolved, run_dir, address=args.address,
                                                 max_retries=args.max_retries, num_cpus=args.num_cpus,
