@@ -284,9 +284,9 @@ def _run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str
     if resolved.search is not None:  # tune every cell, then retrain each one's best (harness.search)
         from harness.orchestrate._search import run_search
 
-        def setup(todo):
+        def setup(todo, planned=""):
             return _setup(resolved, run_dir, todo, address, num_cpus, log, storage, loggers, connect_timeout,
-                          max_retries, summary)
+                          max_retries, summary, planned)
 
         return run_search(resolved, store, summary, setup, log, max_retries, keep_checkpoints, progress)
     done = store.finished_ids([t.trial_id for t in resolved.trials])
@@ -316,7 +316,7 @@ class _Setup:
 
 
 def _setup(resolved: ResolvedStudy, run_dir, todo, address: str | None, num_cpus: int | None, log, storage: str | None,
-           loggers, connect_timeout: float, max_retries: int, summary: RunSummary) -> _Setup:
+           loggers, connect_timeout: float, max_retries: int, summary: RunSummary, planned: str = "") -> _Setup:
     """Before the first trial: trackers, pretrained weights, Ray, the storage, each dataset decoded on a node."""
     trackers = Trackers(list(loggers), run_dir, resolved.name, log)  # a missing tracker package fails here
     # Pretrained weights on this machine before anything starts: offline, a missing tag fails here (exit 2).
@@ -341,7 +341,7 @@ def _setup(resolved: ResolvedStudy, run_dir, todo, address: str | None, num_cpus
         if problem:
             raise ValueError(problem)
     log(f"Ray {'joined at ' + address if address else 'started locally'} in {time.perf_counter() - t0:.1f} s; "
-        f"{len(todo)} trials to run, resources per trial: {resources.model_dump()}; storage: {where}")
+        f"{planned or f'{len(todo)} trials to run'}, resources per trial: {resources.model_dump()}; storage: {where}")
     requested = sorted({s.config["train"]["precision"] for s in todo})
     log("; ".join(describe_here(r, gpu=resources.gpu > 0) for r in requested) +
         f"; torch threads per trial: {max(1, int(resources.cpu))} (resources.cpu)")

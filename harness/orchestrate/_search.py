@@ -157,7 +157,7 @@ def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: i
     check_searcher(search.searcher)
     untuned = [s for s in resolved.trials if json.dumps(s.axes, sort_keys=True, default=str) in
                {json.dumps(u.axes, sort_keys=True, default=str) for u in pending}]
-    env = setup(untuned + finals_todo)  # trackers, weights, Ray, storage, datasets: as a grid's
+    env = setup(untuned + finals_todo, f"{len(pending)} cells to search")  # trackers, weights, Ray, storage, datasets
     checkpoints, resources = env.checkpoints, study.resources
 
     def payload(spec: TrialSpec, kind: str, unit_id: str) -> dict:

@@ -82,7 +82,9 @@ def make_sub_searcher(unit: SearchUnit, search: SearchConfig) -> Searcher:
     trials = unit.budget.trials
     startup = search.startup_trials or (min(10, max(2, trials // 3)) if trials else 10)
     sampler = optuna.samplers.TPESampler(seed=unit.sampler_seed, n_startup_trials=startup)
-    return OptunaSearch(space=space, metric=search.metric, mode="max", sampler=sampler)
+    # Optuna's own distributions (Tune's converter): OptunaSearch warns about Tune domains passed as `space`.
+    return OptunaSearch(space=OptunaSearch.convert_search_space(space), metric=search.metric, mode="max",
+                        sampler=sampler)
 
 
 def _searcher_bytes(searcher: Searcher) -> bytes:
