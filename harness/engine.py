@@ -267,6 +267,9 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                          f"train.batch_size={train.batch_size}: nothing would be trained; lower train.batch_size")
 
     start_epoch, history, train_time, images_seen = 0, [], 0.0, 0
+    # A search trial says in every epoch's report which validation images scored it, and that the test split was
+    # sealed: a trial its scheduler stops early has no final record (not kept in `history`: it is per trial).
+    split_record = validation_record(held_out, len(imageset.train) + len(held_out)) if held_out is not None else {}
     last_correct = None
     state = io.restore()
     if state is not None:
@@ -331,14 +334,14 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                           "steps": steps.count,
                           "params_with_grad": [i for i, p in enumerate(method.parameters()) if p.grad is not None],
                           **({"scaler": scaler.state_dict()} if scaler else {})}
-        io.report(dict(metrics), checkpoint)
+        io.report({**metrics, **split_record}, checkpoint)
 
     final = dict(metrics)
     if held_out is not None:  # a search trial: its validation scores and which images those were; no test
         if "val/acc" not in final:  # resumed after the last epoch
             final.update(evaluate(method, test_pipe, autocast, prefix="val", collective=collective))
         final.update(best_epochs(history, prefix="val"))
-        final.update(validation_record(held_out, len(imageset.train) + len(held_out)))
+        final.update(split_record)
     else:
         final.update(_test_record(method, imageset, cfg, test_pipe, autocast, collective, last_correct, history,
                                   shard, device, mean, std))

@@ -386,6 +386,13 @@ def test_a_finished_search_reruns_nothing_and_starts_no_ray(tmp_path, capsys):
     import pandas as pd
     rows = pd.read_parquet(run_dir / "results.parquet")
     assert sorted(rows["kind"]) == ["final", "final", "search", "search"] and rows["in_grid"].all()
+    # The report: the table says how it was tuned, its cells are the final rows only, each search is shown.
+    reports = tmp_path / "reports" / "tuned" / "default"
+    table = (reports / "table.md").read_text()
+    assert "tuned (budget 3 trials per method, searcher random, scheduler asha" in table
+    assert "## Search" in table and "Chosen: train.lr = 0.001 (#1, val/acc 50.0% after 3 epochs)" in table
+    assert "50.0" in table.split("## Search")[0]  # the final cells' test/acc, not the search rows'
+    assert 'id="search"' in (reports / "index.html").read_text()
     # A larger budget reopens the searches (the same units), and would run only what is new.
     bigger = load_study(study, overrides=["search.budget.trials=4"])
     from harness.orchestrate._search import read_unit_summary

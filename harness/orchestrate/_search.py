@@ -32,6 +32,7 @@ from harness.search import SearchUnit
 from harness.trials import TrialSpec, trial_identity
 
 EXPERIMENT_PREFIX = "search-"
+SPLIT_KEYS = {"val/images", "val/set_hash", "val/members", "test_split"}  # per trial, not per epoch (no curves)
 TPE_MISSING = ("search.searcher: tpe needs Optuna, which is not installed: pip install -e '.[tune]' (or pip install "
                "'optuna>=3'); or use searcher: random")
 
@@ -71,8 +72,9 @@ class SearchCallback(StoreCallback):
         spec = self.specs.get(trial_id)
         if (spec is not None and spec.kind == "search" and trial_id not in self.summary.finished | self.summary.failed
                 and trial_id not in self.timed_out):
-            history = [self.epochs.get(trial_id, {})[e] for e in sorted(self.epochs.get(trial_id, {}))]
-            last = dict(history[-1]) if history else {}
+            epochs = self.epochs.get(trial_id, {})
+            last = dict(epochs[max(epochs)]) if epochs else {}
+            history = [{k: v for k, v in epochs[e].items() if k not in SPLIT_KEYS} for e in sorted(epochs)]
             self._store(trial_id, STOPPED, {**last, "stopped_at_epoch": last.get("epoch", 0)}, "", history)
         self.epochs.pop(trial_id, None)
         super().on_trial_complete(iteration, trials, trial, **info)

@@ -228,9 +228,7 @@ class StudySearcher(Searcher):
         point.status = "failed" if failed else ("finished" if result.get("kind") == "final" else "stopped")
         point.value = None if failed else float(result[unit.metric])
         point.epochs = int(result.get("epoch", 0) or 0)
-        unit.tell(point)
-        if not unit.budget_left() and not unit.in_flight() and not unit.reissue:
-            self._finish(unit)
+        unit.tell(point)  # a unit whose last trial this was ends at the next suggest (after Tune's callbacks)
 
     def save(self, checkpoint_path: str) -> None:
         state = {"version": STATE_VERSION, "units": {u.unit.unit_id: u.state() for u in self.units}}
