@@ -1,25 +1,36 @@
-"""A regression gate for CI: compare a run of a study with a known-good baseline.
+"""A regression gate for CI: compare a run of a study with a known-good baseline of the same precision.
 
-    python -m harness.gate RUN_DIR BASELINE [--abs-tol 0.05] [--k 3] [--loss-tol 0.1] [--max-slowdown 0.3]
-                           [--junit FILE]
+    python -m harness.gate RUN_DIR BASELINE [--k 4] [--chance-margin 0.1] [--keep-share 0.5] [--loss-tol 0.1]
+                           [--max-slowdown 0.3] [--no-throughput] [--junit FILE]
     python -m harness.gate RUN_DIR --write-baseline BASELINE
 
-Exit 0 when no cell regressed, 1 when one did (each named), 2 on bad input (a missing run, a malformed
-baseline: the reason is printed).
+BASELINE may hold `{precision}` (baselines/ci_smoke.{precision}.json): it is filled with the precision the run's
+trials ran in (bf16 on a CPU with bf16 units, fp32 elsewhere; harness.precision), so every run is compared with
+a baseline of its own precision; a baseline of another precision is an error, never compared.
 
-A cell is a grid point of the study (its trials over seeds). The baseline (JSON, committed under
-baselines/) holds per cell the accuracy's mean, its spread over seeds, the seeds and test images it
-came from, and its relative throughput. A cell regresses when
-- its accuracy falls below the baseline mean by more than max(abs_tol, k x se), where se combines the
-  spread over the baseline's seeds and the binomial error of one run on the test set,
-  sqrt(std_seeds^2 + p (1 - p) / n_test): the noise of comparing one new run with the baseline;
-- or its final training loss (`train/loss`, the last epoch's mean) rose above the baseline's by more
-  than max(loss_tol x baseline, k x its spread over seeds): a method whose accuracy is still near chance
-  in a short smoke run still shows a broken loss or gradient here;
-- or its relative throughput (`train/images_per_s_rel`: the trial's images/s over a reference
-  network timed in the same process, harness.reference) falls by more than `max_slowdown`, a
-  fraction; a faster or slower machine moves both and leaves the ratio;
-- or it is missing, or failed.
+Exit 0 when no cell regressed; 1 when one did (each named, with the reason); 2 when the input cannot be
+judged (each reason printed): no run or baseline, a baseline of another precision, study, test set or
+configuration, a NaN accuracy or loss, a missing or zero throughput (unless --no-throughput), a cell of the
+baseline missing from the run, a new cell that failed, a missing column, or anything else unexpected.
+
+A cell is a grid point of the study (its trials over seeds). The baseline (JSON, committed under baselines/,
+written from a clean run of at least 3 seeds) holds the study's resolved config hash (per cell too), the
+precision, and per cell the accuracy's mean and spread over seeds, the test set's size and identity
+(test/set_hash), the chance level, the last epoch's training loss and the relative throughput with their
+spreads. A cell of the run (its mean over its n_run seeds) regresses when (harness.gate_rules.judge_cell)
+- its accuracy falls below the baseline mean by more than k standard errors of the difference of two means,
+  k x sd x sqrt(1/n_base + 1/n_run), where sd is the larger of the cell's spread over the baseline's seeds and
+  the typical spread of the baseline's cells (3 seeds alone can agree by luck; harness.gate_rules.Pooled);
+- or below max(chance + chance_margin, chance + keep_share x (baseline - chance)): a cell that lost its
+  learning fails whatever the noise;
+- or its final training loss (`train/loss`, the last epoch's mean) rose above the baseline's by more than
+  max(loss_tol x its scale, k standard errors as above with the loss's spread);
+- or its relative throughput (`train/images_per_s_rel`: the trial's images/s over a reference network timed
+  in the same process, harness.reference) fell below min(1 - max_slowdown, exp(-k standard errors of the
+  log throughput)): a faster or slower machine moves both and leaves the ratio;
+- or one of its trials failed.
+tests/benchmarks/bench_gate.py simulates this rule with the committed baseline's noise: false alarms and
+detection rates.
 """
 
 from __future__ import annotations
@@ -32,139 +43,152 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from harness.gate_rules import (MIN_BASELINE_SEEDS, Baseline, BaselineCell, CellRun, GateInputError, Rules,
+                                judge, pooled_noise)
 from harness.results import FINISHED, atomic_write_bytes
 from harness.stats import unpack_correct
 
 EXIT_OK, EXIT_REGRESSED, EXIT_INVALID = 0, 1, 2
-
-
-class BaselineCell(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    accuracy: float = Field(..., ge=0.0, le=1.0, description="mean top-1 over the baseline's seeds")
-    accuracy_std: float = Field(0.0, ge=0.0, description="its standard deviation over seeds (0 with one)")
-    seeds: int = Field(..., ge=1)
-    test_images: int = Field(..., ge=1)
-    throughput_rel: float | None = Field(None, gt=0.0, description="train/images_per_s_rel, mean over seeds")
-    train_loss: float | None = Field(None, description="train/loss of the last epoch, mean over seeds")
-    train_loss_std: float = Field(0.0, ge=0.0, description="its standard deviation over seeds (0 with one)")
-    images_per_s: float | None = Field(None, gt=0.0, description="raw images/s where it was written (information)")
-
-
-class Baseline(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    study: str
-    profile: str
-    written: str = ""
-    git_commit: str = ""
-    machine: str = ""
-    cells: dict[str, BaselineCell] = Field(..., min_length=1)
+REQUIRED = ("trial_id", "status", "seed", "config", "test/acc", "precision")
 
 
 def cell_name(row: pd.Series, axes: list[str]) -> str:
     return ",".join(f"{a}={row[a]}" for a in axes) or "all"
 
 
-def measure(run_dir: Path) -> tuple[dict, dict[str, dict]]:
-    """The run's study (study.yaml) and, per cell, what a baseline records."""
+def cell_config_hash(config_json: str, math_version) -> str:
+    """What a cell computes: its trials' identity config (harness.trials: every non-default setting; not
+    the seed, nor what is identity-neutral such as timeout_s) and the harness's math version."""
+    import hashlib
+    import json
+
+    from harness.trials import identity_config
+
+    identity = identity_config(json.loads(config_json))
+    identity.pop("seed", None)
+    blob = json.dumps({**identity, "math_version": str(math_version)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def study_config_hash(cell_hashes: dict[str, str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(";".join(f"{n}={h}" for n, h in sorted(cell_hashes.items())).encode()).hexdigest()[:12]
+
+
+def measure(run_dir: Path) -> tuple[dict, dict[str, CellRun], str]:
+    """The run's study (study.yaml), what each cell shows (CellRun) and the precision its trials ran in."""
     import yaml
 
     results_file, study_file = run_dir / "results.parquet", run_dir / "study.yaml"
     if not results_file.exists() or not study_file.exists():
-        raise FileNotFoundError(f"{run_dir}: no results.parquet/study.yaml; run the study first "
-                                "(python -m harness.run studies/<study>.yaml)")
+        raise GateInputError(f"{run_dir}: no results.parquet/study.yaml; run the study first "
+                             "(python -m harness.run studies/<study>.yaml)")
     study = yaml.safe_load(study_file.read_text())
     results = pd.read_parquet(results_file)
+    if "in_grid" in results:  # results.parquet also keeps finished trials of earlier grids: judge the current one
+        results = results[results["in_grid"].fillna(False).astype(bool)]
+    missing = [c for c in REQUIRED if c not in results.columns]
+    if missing:
+        raise GateInputError(f"{results_file}: no column {', '.join(missing)} (written by another harness version?)")
+    if results.empty:
+        raise GateInputError(f"{results_file}: no trials")
     grids = [study.get("grid") or {}] + list((study.get("grids") or {}).values())
     axes = [a for a in dict.fromkeys(a for g in grids for a in g) if a in results.columns]
-    cells: dict[str, dict] = {}
-    for name, group in results.groupby(results.apply(lambda r: cell_name(r, axes), axis=1), sort=True):
+    finished = results[results["status"] == FINISHED]
+    precisions = sorted(set(finished["precision"].dropna().astype(str)))
+    if len(precisions) > 1:
+        raise GateInputError(f"the run's trials ran in several precisions ({', '.join(precisions)}): rerun it in a "
+                             "fresh --runs-dir, or with train.precision set")
+    precision = precisions[0] if precisions else ""
+    math_version = results["version/math"] if "version/math" in results else pd.Series("?", index=results.index)
+    cells: dict[str, CellRun] = {}
+    names = results.apply(lambda r: cell_name(r, axes), axis=1)
+    for name, group in results.groupby(names, sort=True):
         ok = group[group["status"] == FINISHED]
-        cell = {"status": "finished" if len(ok) == len(group) else "failed", "seeds": len(ok)}
+        hashes = {cell_config_hash(c, v) for c, v in zip(group["config"], math_version[group.index])}
+        if len(hashes) > 1:
+            raise GateInputError(f"cell {name}: its trials differ in more than the seed (several configs)")
+        errors = [str(e) for e in group.loc[group["status"] != FINISHED, "error"]] if "error" in group else []
+        cell = CellRun(name=name, seeds=len(ok), failed=len(group) - len(ok), errors=errors[:3],
+                       config_hash=hashes.pop(), seed_list=sorted(int(s) for s in ok["seed"]))
         if len(ok):
-            acc = ok["test/acc"].astype(float)
-            cell.update(accuracy=float(acc.mean()), accuracy_std=float(acc.std(ddof=1)) if len(ok) > 1 else 0.0,
-                        test_images=int(len(unpack_correct(ok["test/correct"].iloc[0])))
-                        if "test/correct" in ok and ok["test/correct"].notna().any() else 0)
-            if "train/images_per_s_rel" in ok and ok["train/images_per_s_rel"].notna().any():
-                cell["throughput_rel"] = float(ok["train/images_per_s_rel"].mean())
-            cell["images_per_s"] = float(ok["train/images_per_s"].mean())
-            if "train/loss" in ok and ok["train/loss"].notna().all():
-                loss = ok["train/loss"].astype(float)
-                cell.update(train_loss=float(loss.mean()), train_loss_std=float(loss.std(ddof=1)) if len(ok) > 1 else 0.0)
+            cell.accuracies = _floats(ok["test/acc"])
+            if "train/loss" in ok:
+                cell.losses = _floats(ok["train/loss"])
+            if "train/images_per_s_rel" in ok:
+                cell.throughputs = _floats(ok["train/images_per_s_rel"])
+            if "train/images_per_s" in ok and pd.notna(pd.to_numeric(ok["train/images_per_s"], errors="coerce")).all():
+                cell.images_per_s = float(pd.to_numeric(ok["train/images_per_s"]).mean())
+            if "num_classes" in ok and ok["num_classes"].notna().all():
+                cell.chance = 1.0 / float(ok["num_classes"].iloc[0])  # a balanced test set: synthfg's, ...
+            if "test/correct" in ok and ok["test/correct"].notna().all():
+                cell.test_images = sorted({len(unpack_correct(c)) for c in ok["test/correct"]})
+            if "test/set_hash" in ok and ok["test/set_hash"].notna().all():
+                cell.test_set_hashes = sorted(set(ok["test/set_hash"].astype(str)))
         cells[name] = cell
-    return study, cells
+    return study, cells, precision
 
 
-def write_baseline(run_dir: Path, path: Path) -> Baseline:
+def _floats(values: pd.Series) -> list[float]:
+    """Numbers, with None and anything that is not one as NaN (which the rules refuse to judge)."""
+    return [float(v) for v in pd.to_numeric(values, errors="coerce")]
+
+
+def resolve_baseline_path(template: str, precision: str) -> Path:
+    if "{precision}" not in template:
+        return Path(template)
+    if not precision:
+        raise GateInputError("the run has no finished trial that says its precision; cannot choose the baseline "
+                             f"{template}")
+    return Path(template.replace("{precision}", precision))
+
+
+def write_baseline(run_dir: Path, template: str, rules: Rules, no_throughput: bool = False) -> tuple[Path, Baseline]:
     import platform
 
     from harness.results import git_commit
 
-    study, cells = measure(run_dir)
-    broken = [n for n, c in cells.items() if c["status"] != "finished" or not c.get("test_images")]
-    if broken:
-        raise ValueError(f"cells {broken} failed or have no per-image results: a baseline needs a clean run")
-    baseline = Baseline(study=study["name"], profile=study["profile"], written=time.strftime("%Y-%m-%d %H:%M"),
-                        git_commit=git_commit(), machine=f"{platform.machine()} {platform.processor()}".strip(),
-                        cells={n: BaselineCell(**{k: v for k, v in c.items() if k != "status"})
-                               for n, c in cells.items()})
+    study, cells, precision = measure(run_dir)
+    path = resolve_baseline_path(template, precision)
+    problems = []
+    for name, c in cells.items():
+        problems += [f"{name}: {p}" for p in c.baseline_problems(rules, no_throughput)]
+    if problems:
+        raise GateInputError("not a clean run to record as a baseline:\n  " + "\n  ".join(problems))
+    seeds = sorted({s for c in cells.values() for s in c.seed_list})
+    cpu = ""
+    try:
+        from harness.precision import cpu_info
+
+        cpu = cpu_info()["cpu_model"]
+    except Exception:  # noqa: BLE001 - information only
+        pass
+    baseline = Baseline(
+        study=study["name"], profile=study["profile"], written=time.strftime("%Y-%m-%d %H:%M"), git_commit=git_commit(),
+        machine=f"{platform.machine()} {cpu}".strip(), precision=precision, seeds=seeds,
+        config_hash=study_config_hash({n: c.config_hash for n, c in cells.items()}),
+        cells={n: c.to_baseline_cell() for n, c in cells.items()})
     atomic_write_bytes(path, (baseline.model_dump_json(indent=1) + "\n").encode())
-    return baseline
+    return path, baseline
 
 
 def load_baseline(path: Path) -> Baseline:
     if not path.exists():
-        raise FileNotFoundError(f"baseline {path} not found; write one from a known-good run with "
-                                f"python -m harness.gate RUN_DIR --write-baseline {path}")
+        raise GateInputError(f"baseline {path} not found; write one from a known-good run of at least "
+                             f"{MIN_BASELINE_SEEDS} seeds with python -m harness.gate RUN_DIR --write-baseline {path}")
     try:
         return Baseline.model_validate_json(path.read_text())
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ValueError(f"baseline {path} is malformed: {problems}") from None
-
-
-def compare(baseline: Baseline, cells: dict[str, dict], abs_tol: float, k: float,
-            max_slowdown: float, loss_tol: float = 0.1) -> list[dict]:
-    """One verdict per baseline cell (and per cell the run has and the baseline does not: new, not judged)."""
-    rows = []
-    for name, base in baseline.cells.items():
-        now = cells.get(name)
-        row = {"cell": name, "acc_base": base.accuracy, "thr_base": base.throughput_rel, "problems": []}
-        if now is None:
-            row["problems"].append("missing from the run")
-        elif now["status"] != "finished":
-            row["problems"].append("failed")
-        if now and now.get("accuracy") is not None:
-            se = math.sqrt(base.accuracy_std ** 2 + base.accuracy * (1 - base.accuracy) / base.test_images)
-            tol = max(abs_tol, k * se)
-            row.update(acc_now=now["accuracy"], acc_diff=now["accuracy"] - base.accuracy, acc_tol=tol)
-            if now["accuracy"] < base.accuracy - tol:
-                row["problems"].append(f"accuracy {100 * now['accuracy']:.1f}% < baseline {100 * base.accuracy:.1f}% "
-                                       f"- {100 * tol:.1f} points")
-            if base.train_loss is not None and now.get("train_loss") is not None:
-                allowed = max(loss_tol * abs(base.train_loss), k * base.train_loss_std)
-                row.update(loss_base=base.train_loss, loss_now=now["train_loss"])
-                if not now["train_loss"] <= base.train_loss + allowed:  # a NaN loss fails too
-                    row["problems"].append(f"training loss {now['train_loss']:.3f} > baseline {base.train_loss:.3f} "
-                                           f"+ {allowed:.3f}")
-            if base.throughput_rel and now.get("throughput_rel"):
-                ratio = now["throughput_rel"] / base.throughput_rel
-                row.update(thr_now=now["throughput_rel"], thr_ratio=ratio)
-                if ratio < 1 - max_slowdown:
-                    row["problems"].append(f"relative throughput {ratio:.2f}x the baseline's "
-                                           f"(allowed down to {1 - max_slowdown:.2f}x)")
-        row["verdict"] = "REGRESSED" if row["problems"] else "ok"
-        rows.append(row)
-    for name in sorted(set(cells) - set(baseline.cells)):
-        rows.append({"cell": name, "acc_now": cells[name].get("accuracy"), "problems": [], "verdict": "new"})
-    return rows
+        raise GateInputError(f"baseline {path} is malformed: {problems}") from None
 
 
 def render(rows: list[dict]) -> str:
     def pct(v):
-        return "-" if v is None else f"{100 * v:.1f}"
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
     def num(v, fmt="{:.3f}"):
         return "-" if v is None else fmt.format(v)
@@ -172,71 +196,102 @@ def render(rows: list[dict]) -> str:
     table = pd.DataFrame([{
         "cell": r["cell"], "acc base %": pct(r.get("acc_base")), "acc now %": pct(r.get("acc_now")),
         "diff": num(r.get("acc_diff") and 100 * r["acc_diff"], "{:+.1f}"),
-        "tolerance": num(r.get("acc_tol") and 100 * r["acc_tol"], "{:.1f}"),
+        "allowed": num(r.get("acc_tol") and 100 * r["acc_tol"], "{:.1f}"), "floor %": pct(r.get("acc_floor")),
         "loss base": num(r.get("loss_base")), "loss now": num(r.get("loss_now")),
-        "thr base": num(r.get("thr_base")), "thr now": num(r.get("thr_now")), "ratio": num(r.get("thr_ratio"), "{:.2f}"),
+        "thr ratio": num(r.get("thr_ratio"), "{:.2f}"), "thr floor": num(r.get("thr_floor"), "{:.2f}"),
         "verdict": r["verdict"]} for r in rows])
     return table.to_markdown(index=False)
 
 
 def junit(rows: list[dict], suite: str) -> str:
     failures = sum(r["verdict"] == "REGRESSED" for r in rows)
+    errors = sum(r["verdict"] == "ERROR" for r in rows)
     cases = []
     for r in rows:
         body = ""
-        if r["verdict"] == "REGRESSED":
-            message = escape("; ".join(r["problems"]), {'"': "&quot;"})
-            body = f'<failure message="{message}">{escape(chr(10).join(r["problems"]))}</failure>'
+        if r["verdict"] in ("REGRESSED", "ERROR"):
+            reasons = r["errors"] or r["problems"]
+            tag = "error" if r["verdict"] == "ERROR" else "failure"
+            message = escape("; ".join(reasons), {'"': "&quot;"})
+            body = f'<{tag} message="{message}">{escape(chr(10).join(reasons))}</{tag}>'
         cases.append(f'  <testcase classname="{escape(suite)}" name="{escape(r["cell"])}">{body}</testcase>')
     return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name="{escape(suite)}" tests="{len(rows)}" '
-            f'failures="{failures}" errors="0">\n' + "\n".join(cases) + "\n</testsuite>\n")
+            f'failures="{failures}" errors="{errors}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+
+
+def _gate(args, parser) -> int:
+    rules = Rules(k=args.k, chance_margin=args.chance_margin, keep_share=args.keep_share, loss_tol=args.loss_tol,
+                  max_slowdown=args.max_slowdown, throughput=not args.no_throughput)
+    run_dir = Path(args.run_dir)
+    if args.write_baseline:
+        path, baseline = write_baseline(run_dir, args.write_baseline, rules, args.no_throughput)
+        print(f"baseline of {len(baseline.cells)} cells ({len(baseline.seeds)} seeds, {baseline.precision}) "
+              f"written to {path}")
+        return EXIT_OK
+    if not args.baseline:
+        parser.error("give a BASELINE to compare with, or --write-baseline BASELINE")
+    study, cells, precision = measure(run_dir)
+    path = resolve_baseline_path(args.baseline, precision)
+    baseline = load_baseline(path)
+    if (study["name"], study["profile"]) != (baseline.study, baseline.profile):
+        raise GateInputError(f"the baseline is of {baseline.study}/{baseline.profile}, the run of {study['name']}/"
+                             f"{study['profile']}")
+    if precision and precision != baseline.precision:
+        raise GateInputError(f"the run trained in {precision}, the baseline {path} in {baseline.precision}: "
+                             f"compare with a baseline of {precision} (e.g. baselines/<study>.{precision}.json, "
+                             "python -m harness.gate RUN_DIR --write-baseline 'baselines/<study>.{precision}.json')")
+    rows = judge(baseline, cells, rules, pooled_noise(baseline))
+    print(render(rows))
+    if args.junit:
+        atomic_write_bytes(Path(args.junit), junit(rows, f"{baseline.study}/{baseline.profile}").encode())
+    errors = [r for r in rows if r["errors"]]
+    regressed = [r for r in rows if r["verdict"] == "REGRESSED"]
+    for r in errors:
+        print(f"gate: {r['cell']}: {'; '.join(r['errors'])}", file=sys.stderr)
+    if errors:
+        print(f"\nCANNOT JUDGE: {', '.join(r['cell'] for r in errors)} (exit 2)", file=sys.stderr)
+        return EXIT_INVALID
+    if regressed:
+        print(f"\nREGRESSED: {', '.join(r['cell'] for r in regressed)}")
+        for r in regressed:
+            print(f"  {r['cell']}: {'; '.join(r['problems'])}")
+        return EXIT_REGRESSED
+    print(f"\nno regression in {len(baseline.cells)} cells against {path} ({baseline.precision}, "
+          f"{len(baseline.seeds)} seeds): accuracy within {args.k} se and above max(chance + {args.chance_margin}, "
+          f"chance + {args.keep_share} x the baseline's gain), training loss within max({args.loss_tol} x baseline, "
+          f"{args.k} se)" + ("" if args.no_throughput else
+                             f", relative throughput above min({1 - args.max_slowdown:.2f}x, {args.k} se)"))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="runs/<study>/<profile> of the run to judge (or to record)")
-    parser.add_argument("baseline", nargs="?", help="the baseline JSON to compare with")
-    parser.add_argument("--write-baseline", metavar="BASELINE", help="record this run as the baseline instead")
-    parser.add_argument("--abs-tol", type=float, default=0.05, help="accuracy drop always allowed (fraction, 0.05)")
-    parser.add_argument("--k", type=float, default=3.0, help="standard errors of accuracy allowed (3)")
-    parser.add_argument("--loss-tol", type=float, default=0.1,
-                        help="final training loss may rise by this fraction of the baseline's (0.1)")
-    parser.add_argument("--max-slowdown", type=float, default=0.3,
-                        help="relative throughput may fall by this fraction (0.3: down to 0.7x)")
+    parser.add_argument("baseline", nargs="?", help="the baseline JSON to compare with ({precision} is filled in)")
+    parser.add_argument("--write-baseline", metavar="BASELINE", help="record this run (>= 3 seeds) as the baseline")
+    defaults = Rules()
+    parser.add_argument("--k", type=float, default=defaults.k, help=f"standard errors allowed ({defaults.k})")
+    parser.add_argument("--chance-margin", type=float, default=defaults.chance_margin,
+                        help=f"accuracy must stay this far above chance ({defaults.chance_margin})")
+    parser.add_argument("--keep-share", type=float, default=defaults.keep_share,
+                        help=f"and keep this share of the baseline's accuracy above chance ({defaults.keep_share})")
+    parser.add_argument("--loss-tol", type=float, default=defaults.loss_tol,
+                        help=f"final training loss may always rise by this fraction of the baseline's "
+                             f"({defaults.loss_tol})")
+    parser.add_argument("--max-slowdown", type=float, default=defaults.max_slowdown,
+                        help=f"relative throughput may always fall by this fraction ({defaults.max_slowdown}: down "
+                             f"to {1 - defaults.max_slowdown:.1f}x)")
+    parser.add_argument("--no-throughput", action="store_true",
+                        help="do not judge throughput (a run without train.reference_workload)")
     parser.add_argument("--junit", metavar="FILE", help="also write JUnit XML")
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
     try:
-        if args.write_baseline:
-            baseline = write_baseline(run_dir, Path(args.write_baseline))
-            print(f"baseline of {len(baseline.cells)} cells written to {args.write_baseline}")
-            return EXIT_OK
-        if not args.baseline:
-            parser.error("give a BASELINE to compare with, or --write-baseline BASELINE")
-        baseline = load_baseline(Path(args.baseline))
-        study, cells = measure(run_dir)
-    except (FileNotFoundError, ValueError) as e:
+        return _gate(args, parser)
+    except (GateInputError, FileNotFoundError, ValueError) as e:
         print(f"gate: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    if (study["name"], study["profile"]) != (baseline.study, baseline.profile):
-        print(f"gate: the baseline is of {baseline.study}/{baseline.profile}, the run of {study['name']}/"
-              f"{study['profile']}", file=sys.stderr)
-        return EXIT_INVALID
-    rows = compare(baseline, cells, args.abs_tol, args.k, args.max_slowdown, args.loss_tol)
-    print(render(rows))
-    if args.junit:
-        atomic_write_bytes(Path(args.junit), junit(rows, f"{baseline.study}/{baseline.profile}").encode())
-    regressed = [r["cell"] for r in rows if r["verdict"] == "REGRESSED"]
-    if regressed:
-        print(f"\nREGRESSED: {', '.join(regressed)}")
-        for r in rows:
-            if r["problems"]:
-                print(f"  {r['cell']}: {'; '.join(r['problems'])}")
-        return EXIT_REGRESSED
-    print(f"\nno regression in {len(baseline.cells)} cells (accuracy within max({args.abs_tol}, {args.k} se), "
-          f"training loss within max({args.loss_tol} x baseline, {args.k} sd), "
-          f"relative throughput above {1 - args.max_slowdown:.2f}x)")
-    return EXIT_OK
+    except Exception as e:  # noqa: BLE001 - any input the gate cannot read is exit 2 with its reason, not exit 1
+        print(f"gate: unexpected input ({type(e).__name__}: {e}); cannot judge", file=sys.stderr)
+    return EXIT_INVALID
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""The CI regression gate on stored runs: passes a run against its own baseline, fails (naming the cells) one that
-demands more accuracy or throughput than the run has, refuses malformed input."""
+"""The CI regression gate on stored runs: a run passes against its own baseline; a regression (accuracy, a
+constant predictor, loss, slowdown, a crash) is exit 1 naming the cells; every input it cannot judge (NaN,
+missing or zero throughput, another test set, config, precision or study, a missing column, a new cell that
+failed, a baseline of fewer than 3 seeds) is exit 2 with the reason and no traceback."""
 
 import json
 
@@ -11,89 +13,254 @@ import yaml
 from harness.gate import main
 from harness.stats import pack_correct
 
+SEEDS = (0, 1, 2)
+CONFIG = {"method": {"name": "baseline"}, "dataset": {"name": "synthfg", "classes": 4},
+          "backbone": {"name": "resnet18"}, "train": {"epochs": 3, "precision": "auto", "timeout_s": 100}}
 
-@pytest.fixture
-def run_dir(tmp_path):
-    run = tmp_path / "runs" / "ci_smoke" / "default"
-    run.mkdir(parents=True)
-    (run / "study.yaml").write_text(yaml.safe_dump({"name": "ci_smoke", "profile": "default",
-                                                    "grid": {"method": [{"name": "a"}, {"name": "b"}]}}))
-    rng = np.random.default_rng(0)
+
+def write_run(run, cells=(("baseline", 0.8, 0.5), ("wsdan", 0.7, 0.25)), seeds=SEEDS, precision="fp32",
+              edit=None, n_test=1200, study_name="ci_smoke"):
+    """A run directory as harness.run leaves it: study.yaml and results.parquet with the columns the gate reads.
+    `edit(rows)` doctors the rows before they are written."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "study.yaml").write_text(yaml.safe_dump({"name": study_name, "profile": "default",
+                                                    "grid": {"method": [{"name": m} for m, _, _ in cells]}}))
     rows = []
-    for method, p, rel in (("a", 0.8, 0.5), ("b", 0.6, 0.25)):
-        correct = rng.random(300) < p
-        rows.append({"trial_id": method, "status": "finished", "method": method, "seed": 0,
-                     "test/acc": float(correct.mean()), "test/correct": pack_correct(correct),
-                     "train/images_per_s": 100.0, "train/images_per_s_rel": rel, "train/loss": 1.2})
+    for m, (method, p, rel) in enumerate(cells):
+        learned = np.random.default_rng(m).random(n_test) < p  # what the method gets right on the same test images
+        for seed in seeds:
+            rng = np.random.default_rng(100 * m + seed)  # a seed reruns the same, as training does on one machine
+            correct = learned ^ (rng.random(n_test) < 0.02)  # each seed differs on ~2% of the images
+            config = json.loads(json.dumps(CONFIG))
+            config["method"]["name"], config["seed"] = method, seed
+            rows.append({"trial_id": f"{method}{seed}", "status": "finished", "error": "", "method": method,
+                         "seed": seed, "test/acc": float(correct.mean()), "test/correct": pack_correct(correct),
+                         "test/set_hash": f"set{n_test}", "num_classes": 4, "train/images_per_s": 100.0,
+                         "train/images_per_s_rel": rel * (1 + rng.normal(0, 0.02)), "version/math": "5",
+                         "train/loss": 1.2 + rng.normal(0, 0.01), "precision": precision,
+                         "config": json.dumps(config, sort_keys=True)})
+    if edit:
+        edit(rows)
     pd.DataFrame(rows).to_parquet(run / "results.parquet")
     return run
 
 
-def test_a_run_passes_against_its_own_baseline(run_dir, tmp_path, capsys):
-    baseline = tmp_path / "baseline.json"
-    assert main([str(run_dir), "--write-baseline", str(baseline)]) == 0
-    cells = json.loads(baseline.read_text())["cells"]
-    assert set(cells) == {"method=a", "method=b"} and cells["method=a"]["test_images"] == 300
-    assert main([str(run_dir), str(baseline), "--junit", str(tmp_path / "j.xml")]) == 0
-    out = capsys.readouterr().out
-    assert "no regression in 2 cells" in out and "method=a" in out
-    assert 'failures="0"' in (tmp_path / "j.xml").read_text()
+@pytest.fixture
+def baseline(tmp_path):
+    """A baseline of 3 seeds in fp32 (baselines/ci_smoke.fp32.json), and the run it was written from."""
+    run = write_run(tmp_path / "base" / "ci_smoke" / "default")
+    template = str(tmp_path / "ci_smoke.{precision}.json")
+    assert main([str(run), "--write-baseline", template]) == 0
+    return tmp_path / "ci_smoke.fp32.json", template
 
 
-def test_a_baseline_twenty_points_higher_fails_and_names_the_cells(run_dir, tmp_path, capsys):
-    baseline = tmp_path / "baseline.json"
-    main([str(run_dir), "--write-baseline", str(baseline)])
-    raised = json.loads(baseline.read_text())
-    for cell in raised["cells"].values():
-        cell["accuracy"] += 0.2
-    baseline.write_text(json.dumps(raised))
+def run_with(tmp_path, **kwargs):
+    return write_run(tmp_path / "run" / "ci_smoke" / "default", seeds=(0,), **kwargs)
+
+
+def test_the_baseline_records_noise_identity_and_precision(baseline):
+    path, _ = baseline
+    data = json.loads(path.read_text())
+    assert data["precision"] == "fp32" and data["seeds"] == [0, 1, 2] and data["config_hash"]
+    cell = data["cells"]["method=baseline"]
+    assert cell["seeds"] == 3 and cell["test_images"] == 1200 and cell["test_set_hash"] == "set1200"
+    assert cell["chance"] == 0.25 and cell["accuracy_std"] > 0 and cell["throughput_log_std"] > 0
+    assert cell["config_hash"] != data["cells"]["method=wsdan"]["config_hash"]
+
+
+def test_a_one_seed_run_passes_against_its_baseline(baseline, tmp_path, capsys):
+    _, template = baseline
+    run = run_with(tmp_path)
     capsys.readouterr()
-    assert main([str(run_dir), str(baseline), "--junit", str(tmp_path / "j.xml")]) == 1
+    assert main([str(run), template, "--junit", str(tmp_path / "j.xml")]) == 0
     out = capsys.readouterr().out
-    assert "REGRESSED: method=a, method=b" in out and "accuracy" in out
-    junit = (tmp_path / "j.xml").read_text()
-    assert 'failures="2"' in junit and 'name="method=a"><failure message="accuracy' in junit
+    assert "no regression in 2 cells" in out and "fp32" in out
+    assert 'failures="0" errors="0"' in (tmp_path / "j.xml").read_text()
 
 
-def test_a_small_accuracy_drop_is_noise_and_a_slowdown_is_not(run_dir, tmp_path, capsys):
-    baseline = tmp_path / "baseline.json"
-    main([str(run_dir), "--write-baseline", str(baseline)])
-    data = json.loads(baseline.read_text())
-    data["cells"]["method=a"]["accuracy"] += 0.04  # inside max(0.05, 3 se)
-    data["cells"]["method=b"]["throughput_rel"] *= 2  # the run is at half the baseline's relative speed
-    baseline.write_text(json.dumps(data))
+def test_fewer_than_three_seeds_is_no_baseline(tmp_path, capsys):
+    run = write_run(tmp_path / "r" / "ci_smoke" / "default", seeds=(0, 1))
+    assert main([str(run), "--write-baseline", str(tmp_path / "b.json")]) == 2
+    assert "at least 3" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
+
+
+def test_a_baseline_cell_near_chance_is_refused(tmp_path, capsys):
+    run = write_run(tmp_path / "r" / "ci_smoke" / "default", cells=(("baseline", 0.8, 0.5), ("gain", 0.3, 0.4)))
+    assert main([str(run), "--write-baseline", str(tmp_path / "b.json")]) == 2
+    assert "method=gain: accuracy" in capsys.readouterr().err
+
+
+def test_a_constant_predictor_regresses(baseline, tmp_path, capsys):
+    _, template = baseline
+
+    def constant(rows):
+        for r in rows:
+            if r["method"] == "wsdan":
+                correct = np.arange(1200) % 4 == 0  # always the same class of 4 balanced ones
+                r.update({"test/acc": 0.25, "test/correct": pack_correct(correct)})
+
     capsys.readouterr()
-    assert main([str(run_dir), str(baseline)]) == 1
+    assert main([str(run_with(tmp_path, edit=constant)), template, "--junit", str(tmp_path / "j.xml")]) == 1
     out = capsys.readouterr().out
-    assert "REGRESSED: method=b" in out and "relative throughput 0.50x" in out and "method=a:" not in out
+    assert "REGRESSED: method=wsdan" in out and "floor" in out and "method=baseline:" not in out
+    assert 'failures="1"' in (tmp_path / "j.xml").read_text()
 
 
-
-def test_a_method_still_at_chance_is_gated_on_its_training_loss(run_dir, tmp_path, capsys):
-    baseline = tmp_path / "baseline.json"
-    main([str(run_dir), "--write-baseline", str(baseline)])
-    data = json.loads(baseline.read_text())
-    assert data["cells"]["method=a"]["train_loss"] == 1.2
-    data["cells"]["method=a"]["train_loss"] = 1.15  # the run's 1.2 is within 10% of it
-    data["cells"]["method=b"]["train_loss"] = 0.9  # the run's 1.2 is a third higher: learning broke
-    baseline.write_text(json.dumps(data))
+def test_a_ten_point_drop_regresses_and_a_small_one_does_not(baseline, tmp_path, capsys):
+    _, template = baseline
+    run = run_with(tmp_path, cells=(("baseline", 0.7, 0.5), ("wsdan", 0.69, 0.25)))
     capsys.readouterr()
-    assert main([str(run_dir), str(baseline)]) == 1
+    assert main([str(run), template]) == 1
     out = capsys.readouterr().out
-    assert "REGRESSED: method=b" in out and "training loss 1.200 > baseline 0.900 + 0.090" in out
-    assert main([str(run_dir), str(baseline), "--loss-tol", "0.5"]) == 0
-    del data["cells"]["method=b"]["train_loss"]  # a baseline written before the loss was recorded: not judged on it
-    baseline.write_text(json.dumps(data))
-    assert main([str(run_dir), str(baseline)]) == 0
+    assert "REGRESSED: method=baseline" in out and "se)" in out and "method=wsdan:" not in out
 
-def test_bad_input_exits_2_with_the_reason(run_dir, tmp_path, capsys):
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"study": "ci_smoke", "profile": "default", "cells": {"m": {"accuracy": 1.5}}}))
-    assert main([str(run_dir), str(bad)]) == 2
+
+def test_a_slowdown_and_a_rising_loss_regress(baseline, tmp_path, capsys):
+    _, template = baseline
+
+    def slower(rows):
+        for r in rows:
+            if r["method"] == "wsdan":
+                r["train/images_per_s_rel"] /= 2
+            else:
+                r["train/loss"] = 1.5  # a quarter above the baseline's 1.2
+
+    capsys.readouterr()
+    assert main([str(run_with(tmp_path, edit=slower)), template]) == 1
+    out = capsys.readouterr().out
+    assert "relative throughput 0.5" in out and "training loss 1.500 > baseline" in out
+    assert main([str(run_with(tmp_path, edit=slower)), template, "--loss-tol", "0.5", "--max-slowdown", "0.6"]) == 0
+
+
+def test_a_failed_cell_regresses(baseline, tmp_path, capsys):
+    _, template = baseline
+
+    def crash(rows):
+        for r in rows:
+            if r["method"] == "wsdan":
+                r.update({"status": "failed", "error": "RuntimeError: boom", "test/acc": None})
+
+    capsys.readouterr()
+    assert main([str(run_with(tmp_path, edit=crash)), template]) == 1
+    assert "method=wsdan: failed: all 1 trial(s) (RuntimeError: boom)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case,edit,message", [
+    ("nan accuracy", lambda r: r[0].update({"test/acc": float("nan")}), "test/acc is NaN"),
+    ("nan loss", lambda r: r[0].update({"train/loss": float("nan")}), "train/loss is NaN"),
+    ("zero throughput", lambda r: r[0].update({"train/images_per_s_rel": 0.0}), "is missing, NaN or 0"),
+    ("nan throughput", lambda r: r[0].update({"train/images_per_s_rel": float("nan")}), "is missing, NaN or 0"),
+    ("no throughput", lambda r: [x.pop("train/images_per_s_rel") for x in r], "is missing, NaN or 0"),
+    ("other test set", lambda r: r[0].update({"test/set_hash": "other"}), "tested on other images"),
+    ("other config", lambda r: r[0].update({"config": r[0]["config"].replace('"epochs": 3', '"epochs": 4')}),
+     "its config differs"),
+    ("missing column", lambda r: [x.pop("test/acc") for x in r], "no column test/acc"),
+    ("no precision column", lambda r: [x.pop("precision") for x in r], "no column precision"),
+    ("new cell that failed", lambda r: r.append({**r[0], "trial_id": "x", "method": "racnn", "status": "failed",
+                                                "test/acc": None, "error": "boom",
+                                                "config": r[0]["config"].replace("baseline", "racnn")}),
+     "new (not in the baseline) and 1 trial(s) failed"),
+])
+def test_input_the_gate_cannot_judge_exits_2_with_the_reason(baseline, tmp_path, capsys, case, edit, message):
+    _, template = baseline
+    run = run_with(tmp_path, edit=edit)
+    if case == "new cell that failed":  # the study lists it too
+        study = yaml.safe_load((run / "study.yaml").read_text())
+        study["grid"]["method"].append({"name": "racnn"})
+        (run / "study.yaml").write_text(yaml.safe_dump(study))
+    capsys.readouterr()
+    assert main([str(run), template, "--junit", str(tmp_path / "j.xml")]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err + captured.out
+
+
+def test_a_four_image_test_set_is_not_compared_with_a_1200_image_baseline(baseline, tmp_path, capsys):
+    _, template = baseline
+    capsys.readouterr()
+    assert main([str(run_with(tmp_path, n_test=4)), template]) == 2
+    assert "tested on 4 images, the baseline on 1200" in capsys.readouterr().err
+
+
+def test_no_throughput_is_judged_only_when_asked_not_to(baseline, tmp_path):
+    _, template = baseline
+    run = run_with(tmp_path, edit=lambda r: [x.update({"train/images_per_s_rel": None}) for x in r])
+    assert main([str(run), template]) == 2
+    assert main([str(run), template, "--no-throughput"]) == 0
+
+
+def test_a_run_of_another_precision_needs_its_own_baseline(baseline, tmp_path, capsys):
+    path, template = baseline
+    run = run_with(tmp_path, precision="bf16")
+    capsys.readouterr()
+    assert main([str(run), template]) == 2  # baselines/ci_smoke.bf16.json does not exist
+    assert "ci_smoke.bf16.json not found" in capsys.readouterr().err
+    assert main([str(run), str(path)]) == 2  # the fp32 file named outright: never compared
     err = capsys.readouterr().err
-    assert "malformed" in err and "cells.m.accuracy" in err and "cells.m.seeds" in err
+    assert "trained in bf16, the baseline" in err and "in fp32" in err
+    mixed = run_with(tmp_path, edit=lambda r: r[0].update({"precision": "bf16"}))
+    assert main([str(mixed), template]) == 2
+    assert "several precisions" in capsys.readouterr().err
+
+
+def test_bad_baselines_and_runs_exit_2_with_the_reason(baseline, tmp_path, capsys):
+    path, template = baseline
+    run = run_with(tmp_path)
+    bad = tmp_path / "bad.json"
+    data = json.loads(path.read_text())
+    data["cells"]["method=baseline"]["accuracy"] = 1.5
+    data["cells"]["method=baseline"]["seeds"] = 1
+    bad.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main([str(run), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "malformed" in err and "method=baseline.accuracy" in err and "method=baseline.seeds" in err
     bad.write_text("{not json")
-    assert main([str(run_dir), str(bad)]) == 2
-    assert main([str(run_dir), str(tmp_path / "none.json")]) == 2
+    assert main([str(run), str(bad)]) == 2
+    assert main([str(run), str(tmp_path / "none.json")]) == 2
     assert "--write-baseline" in capsys.readouterr().err
-    assert main([str(tmp_path / "nowhere"), str(bad)]) == 2
+    assert main([str(tmp_path / "nowhere"), template]) == 2
+    other = write_run(tmp_path / "o" / "other" / "default", seeds=(0,), study_name="other")
+    assert main([str(other), template]) == 2
+    assert "the baseline is of ci_smoke/default" in capsys.readouterr().err
+    (run / "results.parquet").write_bytes(b"not parquet")
+    assert main([str(run), template]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("gate: ") and "Parquet" in captured.err and "Traceback" not in captured.err
+
+
+def test_the_committed_baselines_are_per_precision_and_clean():
+    from pathlib import Path
+
+    from harness.gate import load_baseline
+
+    root = Path(__file__).resolve().parents[1]
+    for precision in ("fp32", "bf16"):
+        base = load_baseline(root / "baselines" / f"ci_smoke.{precision}.json")
+        assert base.precision == precision and len(base.seeds) >= 3
+        assert all(c.accuracy >= 2 * c.chance for c in base.cells.values())  # every smoke cell learns
+    assert not (root / "baselines" / "ci_smoke.json").exists()
+
+
+def test_finished_trials_of_an_earlier_grid_are_left_out(baseline, tmp_path):
+    """results.parquet keeps finished trials the current grid no longer holds (in_grid false): not judged."""
+    _, template = baseline
+
+    def earlier(rows):
+        for r in rows:
+            r["in_grid"] = True
+        rows.append({**rows[0], "trial_id": "old", "in_grid": False, "test/acc": 0.1,
+                     "config": rows[0]["config"].replace('"epochs": 3', '"epochs": 9')})
+
+    assert main([str(run_with(tmp_path, edit=earlier)), template]) == 0
+
+
+def test_the_gate_simulation_drives_the_gate_rule(baseline):
+    """tests/benchmarks/bench_gate.py on a baseline: an unchanged system rarely alarms, a collapse is always caught."""
+    from harness.gate_rules import Baseline, Rules
+    from tests.benchmarks.bench_gate import simulate
+
+    path, _ = baseline
+    rates = simulate(Baseline.model_validate_json(path.read_text()), worlds=200, rules=Rules(), seed=1)
+    assert rates["false alarms"][0] <= 0.03
+    assert rates["10-point drop"][1] >= 0.9 and rates["2x slowdown"][1] >= 0.9
+    assert 0 <= rates["5-point drop"][1] <= rates["10-point drop"][1]
