@@ -237,11 +237,15 @@ def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: i
     log(f"search: {len(pending)} cells to search, {plan.describe()}; up to {budget} search trials, then "
         f"{sum(len(u.seeds) for u in pending)} final cells" + (f" (+{len(finals_todo)} from ended searches)"
                                                                 if finals_todo else ""))
+    from harness.orchestrate import max_concurrent
+
+    # As many trials at once as the cluster has slots, and as many pending (Tune keeps one pending trial for a
+    # searcher of its own unless a concurrency limit says more: with one, short trials all reuse one node's actor).
+    concurrency = max_concurrent(resolved)
     if resources.workers == 1:
-        trial_resources, concurrency = {"cpu": resources.cpu, "gpu": resources.gpu}, None
-    else:
-        from harness.orchestrate import max_concurrent
-        trial_resources, concurrency = {"cpu": 0, "memory": 2**20}, max_concurrent(resolved)
+        trial_resources = {"cpu": resources.cpu, "gpu": resources.gpu}
+    else:  # the Tune trial only drives its Train run (see harness.orchestrate)
+        trial_resources = {"cpu": 0, "memory": 2**20}
     callback = SearchCallback(store, specs, current, summary, log, checkpoints, resources.workers, keep_checkpoints,
                               env.num_classes, Progress(summary.total) if progress else None, env.trackers,
                               extra=extra)

@@ -110,7 +110,8 @@ class _TuneIO:
         return read_checkpoint(_candidates(tune.get_checkpoint(), self.earlier))
 
     def report(self, metrics: dict, state: dict | None = None) -> None:
-        _report(tune.report, tune.Checkpoint, metrics, state)
+        # Where each epoch ran: a search trial that its scheduler stops sends no final record to say it.
+        _report(tune.report, tune.Checkpoint, {**metrics, **_where()}, state)
 
 
 class _TrainIO:
