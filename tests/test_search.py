@@ -405,3 +405,21 @@ def test_searcher_state_pickles(tmp_path):
     path = tmp_path / "s.pkl"
     searcher.save(str(path))
     assert pickle.loads(path.read_bytes())["version"] == 1
+
+
+def test_methods_tuned_tunes_every_method_of_the_comparison_with_one_budget(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("CUB200_ROOT", "/data/CUB_200_2011")  # only read when a trial starts
+    root = Path(__file__).resolve().parents[1]
+    compared = load_study(root / "studies/methods_comparison.yaml")
+    for profile in (None, "paper"):
+        tuned = load_study(root / "studies/methods_tuned.yaml", profile=profile)
+        plan = tuned.search
+        methods = {s.config["method"]["name"] for s in tuned.trials}
+        assert methods == {s.config["method"]["name"] for s in compared.trials}
+        assert len(plan.units) == len(methods)  # one search per method
+        assert len({json.dumps(u.budget.model_dump()) for u in plan.units}) == 1  # the same budget
+        assert len({json.dumps({k: str(d) for k, d in u.knobs.items()}) for u in plan.units}) == 1  # and space
+        assert plan.config.searcher == "tpe" and plan.config.scheduler.name == "asha"
+    assert plan.units[0].budget.trials >= 20 and plan.units[0].seeds == [0, 1, 2]  # the paper profile's real budget
