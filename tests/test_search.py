@@ -195,12 +195,12 @@ def _searcher(tmp_path, searcher="random", trials=30, stored=None, extra=""):
                          make_final, stored or (lambda unit, trial_id: None)), finals
 
 
-def _complete(searcher, tune_id, values, epochs=3):
+def _complete(searcher, tune_id, values, epochs=3, seconds=1.0):
     searcher.on_trial_complete(tune_id, {"val/acc": objective(values["train.lr"]), "epoch": epochs, "kind": "final",
-                                         "status": "finished", "time_total_s": 1.0})
+                                         "status": "finished", "time_total_s": seconds})
 
 
-def drive(searcher, in_flight=2, limit=500):
+def drive(searcher, in_flight=2, limit=500, seconds=1.0):
     """Tune's part: keep `in_flight` trials running, complete the oldest first; returns the configs run."""
     from ray.tune.search import Searcher
 
@@ -220,7 +220,7 @@ def drive(searcher, in_flight=2, limit=500):
                 continue
         tune_id, trial = running.pop(0)
         if trial["kind"] == "search":
-            _complete(searcher, tune_id, trial["values"])
+            _complete(searcher, tune_id, trial["values"], seconds=seconds)
         else:
             searcher.on_trial_complete(tune_id, {"kind": "final", "status": "finished"})
     assert not running
@@ -423,3 +423,21 @@ def test_methods_tuned_tunes_every_method_of_the_comparison_with_one_budget(monk
         assert len({json.dumps({k: str(d) for k, d in u.knobs.items()}) for u in plan.units}) == 1  # and space
         assert plan.config.searcher == "tpe" and plan.config.scheduler.name == "asha"
     assert plan.units[0].budget.trials >= 20 and plan.units[0].seeds == [0, 1, 2]  # the paper profile's real budget
+
+
+def test_a_device_hour_budget_ends_the_search_once_spent(tmp_path):
+    """device_hours: wall time x the devices a trial holds (1 CPU here); no new trial once spent, running ones
+    counted as they report."""
+    searcher, finals = _searcher(tmp_path, "random", trials=3)
+    unit = searcher.units[0]
+    unit.unit.budget = unit.unit.budget.model_copy(update={"trials": None, "device_hours": 1.0})
+    ran = [t for t in drive(searcher, in_flight=1, seconds=1000.0) if t["kind"] == "search"]
+    assert len(ran) == 4 and unit.spent_s() == 4000.0  # 3 x 1000 s < 1 h <= 4 x 1000 s
+    assert finals
+    # A running trial's time so far counts before it ends.
+    searcher, _ = _searcher(tmp_path, "random", trials=3)
+    unit = searcher.units[0]
+    unit.unit.budget = unit.unit.budget.model_copy(update={"trials": None, "device_hours": 1.0})
+    searcher.suggest("a")
+    searcher.on_trial_result("a", {"time_total_s": 3600.0})
+    assert not unit.budget_left() and searcher.suggest("b") is None  # spent: wait for it, start nothing
