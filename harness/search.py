@@ -280,7 +280,9 @@ def plan_search(study, resolved, where, max_trials: int | None = None) -> Search
     distribution's corners validated as that method's config would be); raises StudyError with the file line."""
     from harness.registry import did_you_mean
     from harness.study_errors import StudyError
-    from harness.trials import WHOLE_SECTIONS, _section_models, _validate_sections, all_axes, identity_config
+    from harness import MATH_VERSION
+    from harness.study import set_dotted
+    from harness.trials import _section_models, _validate_sections, all_axes, identity_config
 
     search: SearchConfig = study.search
     if study.grids:
@@ -292,8 +294,7 @@ def plan_search(study, resolved, where, max_trials: int | None = None) -> Search
     cells: dict[str, list] = {}
     for spec in resolved.trials:  # grid cells x seeds: a unit per cell
         cells.setdefault(json.dumps(spec.axes, sort_keys=True, default=str), []).append(spec)
-    labels = {(spec.axes.get("method") if "method" in WHOLE_SECTIONS and "method" in spec.axes else None)
-              or spec.config["method"]["name"] for specs in cells.values() for spec in specs}
+    labels = {str(spec.axes.get("method") or spec.config["method"]["name"]) for s in cells.values() for spec in s}
     names = {spec.config["method"]["name"] for specs in cells.values() for spec in specs}
     for key in search.methods:
         if key not in labels | names:
@@ -333,7 +334,6 @@ def plan_search(study, resolved, where, max_trials: int | None = None) -> Search
             dist = parse_distribution(spec)
             for corner in dist.corners():
                 config = json.loads(json.dumps(first.config))
-                from harness.study import set_dotted
                 set_dotted(config, path, corner)
                 _validate_sections(config, _AtKnob(at), f"\n  (search knob {path} = {corner!r} of {dist}, for {label})")
             parsed[path] = dist
@@ -344,7 +344,6 @@ def plan_search(study, resolved, where, max_trials: int | None = None) -> Search
                 "searcher": search.searcher, "scheduler": search.scheduler.model_dump(mode="json"),
                 "metric": search.metric, "validation": search.validation.model_dump(mode="json"), "seed": search.seed,
                 "startup_trials": search.startup_trials, "first_seed": study.seeds[0]}
-        from harness import MATH_VERSION
         unit_id = hashlib.sha256(json.dumps({**blob, "math_version": MATH_VERSION}, sort_keys=True,
                                             default=str).encode()).hexdigest()[:12]
         text = ", ".join(f"{a}={v}" for a, v in first.axes.items()) or method_name
