@@ -73,10 +73,10 @@ def build(run_dir: Path, out: Path, study: dict, rows: pd.DataFrame, curves: pd.
                                                   if a in group)
         best = summary.get("best")
         table = pd.DataFrame({
-            "#": group.get("search_index"),
+            "#": group["search_index"].astype("Int64") if "search_index" in group else None,
             **{k: group[k].map(_fmt) if k in group else "-" for k in knobs},
             "status": group["status"],
-            "epochs": group.get("epoch"),
+            "epochs": group["epoch"].astype("Int64") if "epoch" in group else None,
             f"{metric} %": (100 * group[metric]).round(1) if metric in group else None,
             "CPU s": group["cpu_time_s"].round(1) if "cpu_time_s" in group else None,
             "wall s": group["wall_time_s"].round(1) if "wall_time_s" in group else None,
