@@ -182,7 +182,8 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
         tables=[{"title": name or (metric if isinstance(metric, str) else ", ".join(metric)), "html": html(t),
                  "note": t.attrs.get("note", ""), "power": t.attrs.get("power", "")}
                 for name, (t, metric) in tables.items()],
-        localisation=[{"title": name or "localisation", "html": html(t)} for name, t in localisation.items()],
+        localisation=[{"title": name or "localisation", "html": html(t), "note": t.attrs.get("note", "")}
+                      for name, t in localisation.items()],
         heads=html(heads) if not heads.empty else "", plots=plots, cells=cells,
         n_images=len(cells[0]["images"]) if cells else 0, map_px=MAP_PX, protocol=protocol,
         trials=_trials_table(results, axes, hours, kind), failed=failed, version=harness.__version__,

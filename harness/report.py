@@ -26,7 +26,7 @@ from harness.results import FAILED, FINISHED, atomic_write_bytes
 from harness.search_report import search_note
 from harness.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
 
-LOCALISATION = ["test/loc/energy", "test/loc/pointing", "test/loc/chance"]
+LOCALISATION = ["test/loc/energy", "test/loc/pointing", "test/loc/chance", "test/loc/center"]
 
 
 def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str | None]:
@@ -222,6 +222,9 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         write_plots(subset, subset_curves, plot_axes, spec["rows"], columns, first_metric, plot_dir)
         if located:  # where the primary head looks, tabled and plotted against the same axes
             localisation[name] = paper_table(subset, spec["rows"], columns, LOCALISATION)
+            if "loc/map" in subset:  # which map each score is of: the stage must resolve the parts
+                maps = sorted(subset["loc/map"].dropna().astype(str).unique())
+                localisation[name].attrs["note"] = "map scored: " + "; ".join(maps) if maps else ""
             write_plots(subset, pd.DataFrame(), plot_axes, spec["rows"], columns, "test/loc/energy", plot_dir)
     from harness.protocol import protocol_markdown
 
