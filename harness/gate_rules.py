@@ -194,7 +194,8 @@ def judge_cell(base: BaselineCell, now: CellRun, rules: Rules, pooled: Pooled) -
         row["errors"].append(f"its config differs from the baseline's (hash {now.config_hash} vs {base.config_hash}): "
                              "record a new baseline when a change is meant to move the study")
     if now.seeds == 0:
-        row["problems"].append(f"failed: all {now.failed} trial(s)" + (f" ({now.errors[0][:200]})" if now.errors else ""))
+        why = f" ({now.errors[0][:200]})" if now.errors else ""
+        row["problems"].append(f"failed: all {now.failed} trial(s){why}")
         return _verdict(row)
     row["errors"] += now.input_errors(rules)
     if now.test_images and now.test_images[0] != base.test_images:
@@ -218,7 +219,8 @@ def judge_cell(base: BaselineCell, now: CellRun, rules: Rules, pooled: Pooled) -
         row["problems"].append(f"accuracy {100 * acc:.1f}% < baseline {100 * base.accuracy:.1f}% - {100 * tol:.1f} "
                                f"points ({rules.k} se)")
     if acc < floor:
-        row["problems"].append(f"accuracy {100 * acc:.1f}% < floor {100 * floor:.1f}% (chance {100 * base.chance:.1f}%)")
+        row["problems"].append(f"accuracy {100 * acc:.1f}% < floor {100 * floor:.1f}% "
+                               f"(chance {100 * base.chance:.1f}%)")
     allowed = max(rules.loss_tol * loss_scale(base), rules.k * loss_sd(base, pooled) * scale)
     row.update(loss_base=base.train_loss, loss_now=now.loss)
     if now.loss > base.train_loss + allowed:
@@ -232,7 +234,8 @@ def judge_cell(base: BaselineCell, now: CellRun, rules: Rules, pooled: Pooled) -
         ratio = now.throughput / base.throughput_rel
         row.update(thr_base=base.throughput_rel, thr_now=now.throughput, thr_ratio=ratio, thr_floor=thr_floor)
         if ratio < thr_floor:
-            row["problems"].append(f"relative throughput {ratio:.2f}x the baseline's (allowed down to {thr_floor:.2f}x)")
+            row["problems"].append(f"relative throughput {ratio:.2f}x the baseline's "
+                                   f"(allowed down to {thr_floor:.2f}x)")
     return _verdict(row)
 
 

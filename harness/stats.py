@@ -65,7 +65,8 @@ def mcnemar_exact(best_correct, other_correct) -> float:
     exactly one of the two gets right (the discordant ones), b are the best's and c the other's; under equal
     accuracy b ~ Binomial(b + c, 1/2), and p = P(X >= b). Lists of arrays (one per seed) pool the discordant
     counts of independent runs. 1.0 when no image is discordant."""
-    pairs = list(zip(best_correct, other_correct)) if isinstance(best_correct, list) else [(best_correct, other_correct)]
+    pooled = isinstance(best_correct, list)
+    pairs = list(zip(best_correct, other_correct)) if pooled else [(best_correct, other_correct)]
     b = c = 0
     for x, y in pairs:
         x, y = np.asarray(x, dtype=bool), np.asarray(y, dtype=bool)
@@ -87,8 +88,8 @@ def holm_after_selection(p_raw: dict[Hashable, float], k: int) -> dict[Hashable,
     equal cells the gap to it is biased upwards, and a column of 5 (8) equal cells shows a false "worse"
     13% (15-18%) of the time even after Holm (simulated, 3-5 seeds). Why not Hsu's MCB: it guarantees that
     the true best is not declared worse, but when several cells tie for best (all cells equal, the case
-    a reader most needs protected) it lets the others be: 17% of columns of 5 equal cells, 25-27% of 8. Here, for the
-    hypothesis "cell i is a best", (k - 1) x p(best vs i) is a valid p-value (Bonferroni over the k - 1
+    a reader most needs protected) it lets the others be: 17% of columns of 5 equal cells, 25-27% of 8.
+    Here, for the hypothesis "cell i is a best", (k - 1) x p(best vs i) is a valid p-value (Bonferroni over the k - 1
     cells i could have been compared with, whichever the data picked), and Holm's step-down over the
     column's hypotheses, the best's own with p = 1 included (family size = tested cells + 1), holds
     P(any true best marked worse) <= ALPHA for any configuration, ties included (2-3% with all equal).
