@@ -58,7 +58,8 @@ def test_through_tune_the_search_finds_the_known_best_and_asha_stops_the_weak(tm
     orchestrate.start_ray(None, num_cpus=2)
     try:
         tuner = tune.Tuner(tune.with_resources(constructed_trainable, {"cpu": 1}), param_space={},
-                           tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                           tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, reuse_actors=True,
+                                                       max_concurrent_trials=2,
                                                        scheduler=UnitScheduler(plan.config, {unit.unit_id: 4})),
                            run_config=tune.RunConfig(name="constructed", storage_path=str(tmp_path / "ray"), verbose=0))
         grid = tuner.fit()

@@ -22,6 +22,8 @@
   failed with the reason (harness.orchestrate._callback).
 - Finished trials are written by a driver-side callback the moment they end; their checkpoints are
   then deleted (unless `keep_checkpoints`).
+- A study with `search:` (harness.search) runs its cells' searches and then their final cells in one Tune
+  experiment instead (harness.orchestrate._search, _searchers).
 """
 
 from __future__ import annotations
