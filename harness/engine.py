@@ -320,7 +320,8 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                    "lr": optimizer.param_groups[0]["lr"], "train/images_per_s": epoch_images / max(epoch_time, 1e-9),
                    "train/epoch_time_s": epoch_time}
         if held_out is not None:  # a search trial ASHA may stop after any epoch: its cost so far, in every epoch
-            metrics.update({"cpu_time_s": time.process_time() - cpu_start, "wall_time_s": time.perf_counter() - wall_start})
+            metrics.update({"cpu_time_s": time.process_time() - cpu_start,
+                            "wall_time_s": time.perf_counter() - wall_start})
         if epoch + 1 == train.epochs and held_out is None:  # the last test also keeps each test image's outcome
             scores, last_correct = evaluate(method, test_pipe, autocast, collective=collective, per_image=True)
             metrics.update(scores)
@@ -416,7 +417,8 @@ def best_epochs(history: list[dict], prefix: str = "test") -> dict[str, float]:
     accuracy at that same epoch (`test/acc_best/<head>`, `best_epoch/<head>` = `best_epoch`), so one row's head
     columns all come from one model, as the PMG and WS-DAN authors report theirs (`test/acc` stays the last
     epoch's). Each head's own best over the epochs is kept apart: `test/acc_best_own/<head>` and
-    `best_epoch_own/<head>`. Ties go to the earliest epoch. `prefix="val"`: the same of a search trial's validation scores."""
+    `best_epoch_own/<head>`. Ties go to the earliest epoch. `prefix="val"`: the same of a search trial's validation
+    scores."""
     evaluated = [h for h in history if f"{prefix}/acc" in h]
     if not evaluated:
         return {}

@@ -240,7 +240,8 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         search = search_report.build(run_dir, out, study, search_rows(run_dir), curves)
         if search:
             md = (out / "search.md").read_text().split("\n", 1)[1].replace("\n## ", "\n### ")
-            atomic_write_bytes(out / "table.md", (out / "table.md").read_text().encode() + f"\n## Search\n{md}".encode())
+            table_md = (out / "table.md").read_text() + f"\n## Search\n{md}"
+            atomic_write_bytes(out / "table.md", table_md.encode())
     from harness.html_report import write_html
 
     write_html(out, run_dir, study, results, tables, localisation, heads, axes, search=search)

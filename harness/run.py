@@ -93,7 +93,8 @@ def print_trials(resolved) -> None:
     if resolved.search is not None:
         for unit in resolved.search.units:
             knobs = ", ".join(f"{k}: {v}" for k, v in unit.knobs.items())
-            say(f"  search {unit.unit_id}  {unit.label}: {knobs}; budget {unit.budget.describe(resolved.search.device_kind)}")
+            budget = unit.budget.describe(resolved.search.device_kind)
+            say(f"  search {unit.unit_id}  {unit.label}: {knobs}; budget {budget}")
         say("  final cells (their knobs chosen by the search; the identities below are the untuned settings'):")
     for spec in resolved.trials:
         say(f"  {spec.trial_id}  {spec.config['method']['name']:<10} {spec.label}")

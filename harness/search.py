@@ -90,7 +90,8 @@ def parse_distribution(spec: Any) -> Distribution:
         try:
             args = yaml.safe_load(f"[{inner}]")
         except yaml.YAMLError as e:
-            raise ValueError(f"choice(...): cannot read its values ({e.problem if hasattr(e, 'problem') else e})") from None
+            problem = getattr(e, "problem", None) or e
+            raise ValueError(f"choice(...): cannot read its values ({problem})") from None
         if len(args) != 1 or not isinstance(args[0], list):
             raise ValueError(f"write choice([a, b, ...]) with the values in brackets (got {spec!r})")
         return _choice(args[0])

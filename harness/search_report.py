@@ -81,7 +81,8 @@ def build(run_dir: Path, out: Path, study: dict, rows: pd.DataFrame, curves: pd.
             "CPU s": group["cpu_time_s"].round(1) if "cpu_time_s" in group else None,
             "wall s": group["wall_time_s"].round(1) if "wall_time_s" in group else None,
         }).sort_values("#")
-        table["chosen"] = ["*" if best and t == best.get("trial_id") else "" for t in group.loc[table.index, "trial_id"]]
+        chosen_id = best.get("trial_id") if best else None
+        table["chosen"] = ["*" if t == chosen_id else "" for t in group.loc[table.index, "trial_id"]]
         points = summary.get("points") or []
         repeats = sum(p.get("state") == "alias" for p in points)
         counts = group["status"].value_counts().to_dict()
@@ -125,7 +126,8 @@ def _plot(curves: pd.DataFrame, group: pd.DataFrame, metric: str, best: dict | N
         trial = trial.sort_values("epoch")
         chosen = best is not None and trial_id == best.get("trial_id")
         ax.plot(trial["epoch"], 100 * trial["value"], marker="o", lw=2.5 if chosen else 1, alpha=1 if chosen else 0.6,
-                color="black" if chosen else None, label=f"#{_number(index.get(trial_id))}" + (" (chosen)" if chosen else ""))
+                color="black" if chosen else None,
+                label=f"#{_number(index.get(trial_id))}" + (" (chosen)" if chosen else ""))
     ax.set(xlabel="epoch", ylabel=f"{metric} (%)", title=f"search: {label}")
     ax.legend(fontsize=7, ncol=2)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ def test_distributions_parse(text, kind, corners):
 
 @pytest.mark.parametrize("text, message", [
     ("loguniform(0, 1)", "positive"), ("uniform(2, 1)", "below"), ("randint(1, 2.5)", "whole number"),
-    ("normal(0, 1)", "unknown distribution"), ("0.1", "give a distribution"), ("uniform(0, inf)", "finite"), ("loguniform(nan, 1)", "finite"),
+    ("normal(0, 1)", "unknown distribution"), ("0.1", "give a distribution"), ("uniform(0, inf)", "finite"),
+    ("loguniform(nan, 1)", "finite"),
     ("choice([1, 1])", "repeated"), ("choice([[1, 2], [3]])", "plain values"),
 ])
 def test_bad_distributions_say_why(text, message):
@@ -52,7 +53,8 @@ def test_a_search_study_plans_one_unit_per_cell_with_the_same_space(tmp_path):
     assert [u.label for u in plan.units] == ["method=baseline", "method=pmg"]
     assert set(plan.units[0].knobs) == {"train.lr"} and set(plan.units[1].knobs) == {"train.lr", "method.stages"}
     assert all(u.budget.trials == 3 for u in plan.units) and plan.max_search_trials() == 6
-    assert plan.describe() == "tuned (budget 3 trials per method, searcher random, scheduler asha (grace 1, reduction 2))"
+    assert plan.describe() == ("tuned (budget 3 trials per method, searcher random, scheduler asha (grace 1, "
+                               "reduction 2))")
     # A search trial is another computation than the cell with the same settings: its own identity. A final cell
     # is exactly the grid's trial with the chosen values.
     from harness.trials import trial_identity
@@ -66,14 +68,18 @@ def test_a_search_study_plans_one_unit_per_cell_with_the_same_space(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (("train.lr: loguniform(1.0e-3, 0.3)", "train.lr: uniform(-1.0, 0.3)"), r"tuned\.yaml:16: train\.lr: Input should be greater than 0"),
-    (("train.lr: loguniform(1.0e-3, 0.3)", "train.lrr: loguniform(1.0e-3, 0.3)"), r"tuned\.yaml:16: .*did you mean 'train\.lr'"),
-    (("method.stages: choice([1, 2])", "method.stages: choice([1, 9])"), r"tuned\.yaml:20: method\.stages: .*less than or equal to 5"),
+    (("train.lr: loguniform(1.0e-3, 0.3)", "train.lr: uniform(-1.0, 0.3)"),
+     r"tuned\.yaml:16: train\.lr: Input should be greater than 0"),
+    (("train.lr: loguniform(1.0e-3, 0.3)", "train.lrr: loguniform(1.0e-3, 0.3)"),
+     r"tuned\.yaml:16: .*did you mean 'train\.lr'"),
+    (("method.stages: choice([1, 2])", "method.stages: choice([1, 9])"),
+     r"tuned\.yaml:20: method\.stages: .*less than or equal to 5"),
     (("train.lr: loguniform(1.0e-3, 0.3)", "train.epochs: randint(1, 3)"), r"tuned\.yaml:16: .*time axis"),
     (("    pmg:\n", "    pgm:\n"), r"tuned\.yaml:18: search\.methods\.pgm: .*did you mean 'pmg'"),
     (("  budget: {trials: 3}", "  budget: {}"), r"tuned\.yaml:21: search\.budget: give trials"),
     (("  searcher: random", "  searcher: grid"), r"tuned\.yaml:22: search\.searcher"),
-    (("  budget: {trials: 3}", "  budget: {trials: 3}\n  metric: val/acc/concat"), r"search\.metric .*baseline has no head 'concat'"),
+    (("  budget: {trials: 3}", "  budget: {trials: 3}\n  metric: val/acc/concat"),
+     r"search\.metric .*baseline has no head 'concat'"),
 ])
 def test_search_errors_name_the_line_and_the_fix(tmp_path, change, message):
     with pytest.raises(StudyError, match=message):
@@ -135,7 +141,8 @@ def _tiny_trial(tmp_path, search: bool):
     from harness.data.imageset import ImageSet
     from harness.trials import TrialConfig
 
-    text = SEARCH_STUDY.replace("epochs: 3", "epochs: 1").replace("image_size: 32, resize: 36", "image_size: 16, resize: 16")
+    text = SEARCH_STUDY.replace("epochs: 3", "epochs: 1").replace("image_size: 32, resize: 36",
+                                                                 "image_size: 16, resize: 16")
     unit = load_study(write(tmp_path, text)).search.units[0]
     config = unit.search_config({"train.lr": 0.05}) if search else unit.final_config({"train.lr": 0.05}, 0)
     cfg = TrialConfig.parse(config)

@@ -46,7 +46,8 @@ def test_through_tune_the_search_finds_the_known_best_and_asha_stops_the_weak(tm
     from harness.orchestrate._searchers import StudySearcher, UnitScheduler, UnitSearch, make_sub_searcher
 
     study = tmp_path / "tuned.yaml"
-    study.write_text(SEARCH_STUDY.replace("budget: {trials: 3}", "budget: {trials: 16}").replace("epochs: 3", "epochs: 4"))
+    study.write_text(SEARCH_STUDY.replace("budget: {trials: 3}", "budget: {trials: 16}")
+                     .replace("epochs: 3", "epochs: 4"))
     plan = load_study(study).search
     unit = plan.units[0]
     searcher = StudySearcher([UnitSearch(unit, make_sub_searcher(unit, plan.config), "val/acc")],

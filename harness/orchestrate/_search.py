@@ -306,7 +306,8 @@ def write_unit_summary(store: ResultStore, unit: UnitSearch, best, search) -> No
     points = [{"index": p.index, "trial_id": p.trial_id, "values": p.values, "state": p.state, "status": p.status,
                "value": p.value, "epochs": p.epochs, "alias_of": p.alias_of, "device_hours": p.device_s / 3600}
               for p in unit.points]
-    data = {"unit_id": cell.unit_id, "label": cell.label, "axes": cell.axes, "budget": cell.budget.model_dump(mode="json"),
+    data = {"unit_id": cell.unit_id, "label": cell.label, "axes": cell.axes,
+            "budget": cell.budget.model_dump(mode="json"),
             "knobs": {k: str(v) for k, v in cell.knobs.items()}, "searcher": search.searcher,
             "scheduler": search.scheduler.model_dump(mode="json"), "metric": search.metric,
             "validation": cell.validation, "epochs": cell.epochs, "describe": search.describe(),

@@ -296,7 +296,8 @@ class StudySearcher(Searcher):
             found = self.stored(unit.unit, point.trial_id)
             if found is not None:  # trained by an earlier run (its result is stored): told, not trained again
                 point.state = "done"
-                point.status, point.value, point.epochs, point.ok = found["status"], found["value"], found["epochs"], True
+                point.status, point.value, point.epochs = found["status"], found["value"], found["epochs"]
+                point.ok = True
                 self.reused += 1
                 unit.tell(point)
                 continue
