@@ -109,6 +109,7 @@ def test_two_workers_equal_one_worker(method, float64):
                 {k: v for k, v in epoch_one.items() if "/acc" in k}
 
 
+@pytest.mark.slow
 def test_two_workers_in_float32_stay_within_rounding_of_one_worker():
     """The same in float32, after one batch (S+1 = 3 PMG steps), before rounding has been amplified."""
     cfg = config(PMG, epochs=1, max_train_batches=1)

@@ -55,6 +55,7 @@ def test_study_with_a_diverging_trial(tiny_study, tmp_path, capsys):
     assert {t: (run_dir / "trials" / t / "result.json").stat().st_mtime_ns for t in finished_files} == finished_files
 
 
+@pytest.mark.slow
 def test_rerun_trains_nothing_and_rebuilds_reports(tiny_study, tmp_path, capsys):
     assert run(tiny_study, tmp_path, "--profile", "fast", "--set", "grid.method.stages=[1]") == 0
     capsys.readouterr()

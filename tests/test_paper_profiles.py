@@ -92,6 +92,7 @@ def test_missing_weights_exit_2_before_ray_starts(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_training_split_smaller_than_a_batch_is_an_error(tiny_study, tmp_path, capsys):
     from harness.run import main
 
