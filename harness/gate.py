@@ -36,6 +36,7 @@ detection rates.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -132,6 +133,16 @@ def measure(run_dir: Path) -> tuple[dict, dict[str, CellRun], str]:
     return study, cells, precision
 
 
+def run_cpu(run_dir: Path) -> str:
+    """'model (torch capability)' of the run's finished trials (empty when the rows do not say or disagree)."""
+    results = pd.read_parquet(run_dir / "results.parquet")
+    if not {"cpu_model", "cpu_capability"} <= set(results.columns):
+        return ""
+    ok = results[results["status"] == FINISHED].dropna(subset=["cpu_model", "cpu_capability"])
+    labels = {f"{m} ({c})" for m, c in zip(ok["cpu_model"], ok["cpu_capability"])}
+    return labels.pop() if len(labels) == 1 else ""
+
+
 def _floats(values: pd.Series) -> list[float]:
     """Numbers, with None and anything that is not one as NaN (which the rules refuse to judge)."""
     return [float(v) for v in pd.to_numeric(values, errors="coerce")]
@@ -168,7 +179,7 @@ def write_baseline(run_dir: Path, template: str, rules: Rules, no_throughput: bo
         pass
     baseline = Baseline(
         study=study["name"], profile=study["profile"], written=time.strftime("%Y-%m-%d %H:%M"), git_commit=git_commit(),
-        machine=f"{platform.machine()} {cpu}".strip(), precision=precision, seeds=seeds,
+        machine=f"{platform.machine()} {cpu}".strip(), cpu=run_cpu(run_dir), precision=precision, seeds=seeds,
         config_hash=study_config_hash({n: c.config_hash for n, c in cells.items()}),
         cells={n: c.to_baseline_cell() for n, c in cells.items()})
     atomic_write_bytes(path, (baseline.model_dump_json(indent=1) + "\n").encode())
@@ -240,6 +251,12 @@ def _gate(args, parser) -> int:
         raise GateInputError(f"the run trained in {precision}, the baseline {path} in {baseline.precision}: "
                              f"compare with a baseline of {precision} (e.g. baselines/<study>.{precision}.json, "
                              "python -m harness.gate RUN_DIR --write-baseline 'baselines/<study>.{precision}.json')")
+    here = run_cpu(run_dir)
+    if rules.throughput and baseline.cpu and here and here != baseline.cpu:
+        rules = dataclasses.replace(rules, max_slowdown=max(rules.max_slowdown, rules.other_cpu_slowdown))
+        print(f"gate: the run's trials ran on {here}, the baseline's on {baseline.cpu}: relative throughput is "
+              f"judged only against {1 - rules.max_slowdown:.2f}x there (ops speed up unevenly across CPUs); "
+              "record a baseline on this CPU to judge it strictly", file=sys.stderr)
     rows = judge(baseline, cells, rules, pooled_noise(baseline))
     print(render(rows))
     if args.junit:
@@ -260,7 +277,7 @@ def _gate(args, parser) -> int:
           f"{len(baseline.seeds)} seeds): accuracy within {args.k} se and above max(chance + {args.chance_margin}, "
           f"chance + {args.keep_share} x the baseline's gain), training loss within max({args.loss_tol} x baseline, "
           f"{args.k} se)" + ("" if args.no_throughput else
-                             f", relative throughput above min({1 - args.max_slowdown:.2f}x, {args.k} se)"))
+                             f", relative throughput above min({1 - rules.max_slowdown:.2f}x, {args.k} se)"))
     return EXIT_OK
 
 

@@ -47,6 +47,8 @@ class Baseline(BaseModel):
     written: str = ""
     git_commit: str = ""
     machine: str = ""
+    cpu: str = Field("", description="the trials' CPU: 'model (torch capability)'; throughput ratios are judged "
+                                     "strictly only on the same")
     cells: dict[str, BaselineCell] = Field(..., min_length=1)
 
 
@@ -58,6 +60,10 @@ class Rules:
     loss_tol: float = 0.1  # the last epoch's training loss may always rise by this fraction
     max_slowdown: float = 0.3  # relative throughput may always fall to 0.7x
     throughput: bool = True  # judge throughput at all (--no-throughput: no reference workload)
+    # On another CPU than the baseline's (model or torch kernel capability), a trial's speed relative to the
+    # reference network is not the same ratio (ops speed up unevenly across CPUs): only a fall below this share
+    # of the baseline's is a regression there.
+    other_cpu_slowdown: float = 0.5
 
 
 @dataclass

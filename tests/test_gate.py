@@ -264,3 +264,35 @@ def test_the_gate_simulation_drives_the_gate_rule(baseline):
     assert rates["false alarms"][0] <= 0.03
     assert rates["10-point drop"][1] >= 0.9 and rates["2x slowdown"][1] >= 0.9
     assert 0 <= rates["5-point drop"][1] <= rates["10-point drop"][1]
+
+
+def _on_cpu(model: str, capability: str):
+    def edit(rows):
+        for r in rows:
+            r["cpu_model"], r["cpu_capability"] = model, capability
+    return edit
+
+
+def _slower(factor: float, model: str, capability: str):
+    def edit(rows):
+        _on_cpu(model, capability)(rows)
+        for r in rows:
+            r["train/images_per_s_rel"] /= factor
+    return edit
+
+
+def test_throughput_on_another_cpu_is_judged_only_against_half_the_baseline(tmp_path, capsys):
+    """Ratios to the reference network move across CPUs (ops speed up unevenly): on the baseline's CPU a 1.6x
+    slowdown is a regression; on another CPU only a fall below 0.5x is, and the gate says why it is lenient."""
+    base = write_run(tmp_path / "base" / "ci_smoke" / "default", edit=_on_cpu("Intel Xeon", "AVX2"))
+    template = str(tmp_path / "ci_smoke.{precision}.json")
+    assert main([str(base), "--write-baseline", template]) == 0
+    assert json.loads((tmp_path / "ci_smoke.fp32.json").read_text())["cpu"] == "Intel Xeon (AVX2)"
+    same = run_with(tmp_path, edit=_slower(1.6, "Intel Xeon", "AVX2"))
+    assert main([str(same), template]) == 1
+    capsys.readouterr()
+    other = write_run(tmp_path / "other" / "ci_smoke" / "default", seeds=(0,), edit=_slower(1.6, "AMD EPYC", "AVX2"))
+    assert main([str(other), template]) == 0
+    assert "judged only against 0.50x" in capsys.readouterr().err
+    much = write_run(tmp_path / "much" / "ci_smoke" / "default", seeds=(0,), edit=_slower(2.5, "AMD EPYC", "AVX2"))
+    assert main([str(much), template]) == 1
