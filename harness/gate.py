@@ -1,6 +1,6 @@
 """A regression gate for CI: compare a run of a study with a known-good baseline of the same precision.
 
-    python -m harness.gate RUN_DIR BASELINE [--k 4] [--chance-margin 0.1] [--keep-share 0.5] [--loss-tol 0.1]
+    python -m harness.gate RUN_DIR BASELINE [--k 4.5] [--chance-margin 0.1] [--keep-share 0.5] [--loss-tol 0.1]
                            [--max-slowdown 0.3] [--no-throughput] [--junit FILE]
     python -m harness.gate RUN_DIR --write-baseline BASELINE
 

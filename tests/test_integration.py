@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -126,3 +127,39 @@ def test_a_stale_ray_current_cluster_does_not_stop_a_local_run(tiny_run):
     tmp, out = tiny_run
     assert (Path(SUITE_RAY_TMPDIR) / "ray" / "ray_current_cluster").read_text() == DEAD_CLUSTER
     assert "Ray started locally" in out.stdout and "2 trials trained" in out.stdout, out.stdout[-2000:]
+
+
+RELATIVE_STUDY = """
+name: relative
+method: {name: baseline}
+dataset: {name: imagefolder, root: data, test_dir: val}
+backbone: {name: resnet18, pretrained: weights/narrow.pth, kwargs: {channels: [8, 8, 8, 8], stem_width: 8}}
+train: {epochs: 1, batch_size: 4, image_size: 32, resize: 36, lr: 0.01, precision: fp32}
+seeds: [0]
+"""
+
+
+def test_relative_study_paths_are_read_from_where_the_run_starts(tmp_path):
+    """Tune starts each trial in its own trial folder: a study's relative dataset root and weights file must still
+    mean the folder harness.run was started in (the smoke study's warm start is such a path)."""
+    import timm
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for cls in ("cat", "dog"):
+            for k in range(n):
+                path = tmp_path / "data" / split / cls / f"{k}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    (tmp_path / "weights").mkdir()
+    torch.save(timm.create_model("resnet18", channels=[8, 8, 8, 8], stem_width=8).state_dict(),
+               tmp_path / "weights" / "narrow.pth")
+    (tmp_path / "relative.yaml").write_text(RELATIVE_STUDY)
+    out = subprocess.run([sys.executable, "-m", "harness.run", "relative.yaml", "--runs-dir", "runs",
+                          "--reports-dir", "reports"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = pd.read_parquet(tmp_path / "runs" / "relative" / "default" / "results.parquet")
+    assert results["status"].tolist() == ["finished"], results["error"].tolist()

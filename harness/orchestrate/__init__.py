@@ -240,7 +240,7 @@ def prepare_datasets(todo, log) -> dict[str, int]:
     configs = {dataset_key(spec.config): spec.config for spec in todo}
     t0 = time.perf_counter()
     try:
-        outcomes = dict(zip(configs, ray.get([prepare_dataset.remote(c) for c in configs.values()])))
+        outcomes = dict(zip(configs, ray.get([prepare_dataset.remote(c, os.getcwd()) for c in configs.values()])))
     except ray.exceptions.RayTaskError as e:  # decoding died (out of memory, a crash in a reader): nothing trained
         raise DatasetError(f"decoding a dataset failed on its node: {e}") from None
     errors = [o["error"] for o in outcomes.values() if "error" in o]
@@ -349,7 +349,8 @@ def _setup(resolved: ResolvedStudy, run_dir, todo, address: str | None, num_cpus
         f"; torch threads per trial: {max(1, int(resources.cpu))} (resources.cpu)")
     num_classes = prepare_datasets(todo, log)
     common = {"workers": resources.workers, "cpu": resources.cpu, "gpu": resources.gpu, "max_retries": max_retries,
-              "train_storage": where.uri(checkpoints.train_root)}
+              "train_storage": where.uri(checkpoints.train_root),
+              "cwd": os.getcwd()}  # the directory relative study paths are read from (harness.orchestrate._trial)
     return _Setup(trackers, where, checkpoints, num_classes, common)
 
 

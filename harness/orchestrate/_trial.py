@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import traceback
 from pathlib import Path
@@ -35,12 +36,21 @@ def _imageset(cfg: TrialConfig):
     return load_imageset(cfg.dataset, cfg.stored_size)
 
 
+def in_driver_dir(cwd: str | None) -> None:
+    """Relative paths of a study (backbone.pretrained, a dataset's root) mean in a trial what they mean where the
+    driver runs (its working directory): Tune starts each trial in its own trial directory, so change back there
+    when this node has that directory (a cluster node without it keeps Tune's, and such paths must be absolute)."""
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
+
+
 @ray.remote(num_cpus=1)
-def prepare_dataset(config: dict) -> dict:
+def prepare_dataset(config: dict, cwd: str | None = None) -> dict:
     """Decode a trial's dataset into this node's cache before any trial starts (errors are reported with
     nothing trained); returns its size and class count, not its images."""
     from harness.data._decode import DatasetError
 
+    in_driver_dir(cwd)
     try:
         imageset = _imageset(TrialConfig.parse(config))
     except (DatasetError, ValueError) as e:
@@ -146,6 +156,7 @@ def trainable(config: dict) -> None:
     """One Tune trial: the engine on the trial's config; every exception becomes a failed record."""
     _quiet()
     spec = config["trial"]
+    in_driver_dir(spec.get("cwd"))
     timed_out = read_marker(spec["timeout_marker"])
     if timed_out:  # stopped earlier for exceeding train.timeout_s; Tune retried it after its process was killed
         tune.report(failed_record(timed_out, trace=""))
@@ -191,6 +202,7 @@ def _train_worker(loop_config: dict) -> None:
 
     _quiet()
     spec = loop_config["trial"]
+    in_driver_dir(spec.get("cwd"))
     try:
         cfg = TrialConfig.parse(spec["config"])
         final = run_trial(cfg, _imageset(cfg), _TrainIO(), ProcessGroupCollective(), threads=max(1, int(spec["cpu"])))
