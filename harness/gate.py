@@ -79,8 +79,9 @@ def study_config_hash(cell_hashes: dict[str, str]) -> str:
     return hashlib.sha256(";".join(f"{n}={h}" for n, h in sorted(cell_hashes.items())).encode()).hexdigest()[:12]
 
 
-def measure(run_dir: Path) -> tuple[dict, dict[str, CellRun], str]:
-    """The run's study (study.yaml), what each cell shows (CellRun) and the precision its trials ran in."""
+def measure(run_dir: Path) -> tuple[dict, dict[str, CellRun], str, str]:
+    """The run's study (study.yaml), what each cell shows (CellRun), the precision its trials ran in and their CPU
+    ('model (torch capability)', empty when the rows do not say or disagree)."""
     import yaml
 
     results_file, study_file = run_dir / "results.parquet", run_dir / "study.yaml"
@@ -130,15 +131,14 @@ def measure(run_dir: Path) -> tuple[dict, dict[str, CellRun], str]:
             if "test/set_hash" in ok and ok["test/set_hash"].notna().all():
                 cell.test_set_hashes = sorted(set(ok["test/set_hash"].astype(str)))
         cells[name] = cell
-    return study, cells, precision
+    return study, cells, precision, _cpu_of(finished)
 
 
-def run_cpu(run_dir: Path) -> str:
-    """'model (torch capability)' of the run's finished trials (empty when the rows do not say or disagree)."""
-    results = pd.read_parquet(run_dir / "results.parquet")
-    if not {"cpu_model", "cpu_capability"} <= set(results.columns):
+def _cpu_of(finished: pd.DataFrame) -> str:
+    """'model (torch capability)' of the finished trials (empty when the rows do not say or disagree)."""
+    if not {"cpu_model", "cpu_capability"} <= set(finished.columns):
         return ""
-    ok = results[results["status"] == FINISHED].dropna(subset=["cpu_model", "cpu_capability"])
+    ok = finished.dropna(subset=["cpu_model", "cpu_capability"])
     labels = {f"{m} ({c})" for m, c in zip(ok["cpu_model"], ok["cpu_capability"])}
     return labels.pop() if len(labels) == 1 else ""
 
@@ -162,7 +162,7 @@ def write_baseline(run_dir: Path, template: str, rules: Rules, no_throughput: bo
 
     from harness.results import git_commit
 
-    study, cells, precision = measure(run_dir)
+    study, cells, precision, cpu_here = measure(run_dir)
     path = resolve_baseline_path(template, precision)
     problems = []
     for name, c in cells.items():
@@ -179,7 +179,7 @@ def write_baseline(run_dir: Path, template: str, rules: Rules, no_throughput: bo
         pass
     baseline = Baseline(
         study=study["name"], profile=study["profile"], written=time.strftime("%Y-%m-%d %H:%M"), git_commit=git_commit(),
-        machine=f"{platform.machine()} {cpu}".strip(), cpu=run_cpu(run_dir), precision=precision, seeds=seeds,
+        machine=f"{platform.machine()} {cpu}".strip(), cpu=cpu_here, precision=precision, seeds=seeds,
         config_hash=study_config_hash({n: c.config_hash for n, c in cells.items()}),
         cells={n: c.to_baseline_cell() for n, c in cells.items()})
     atomic_write_bytes(path, (baseline.model_dump_json(indent=1) + "\n").encode())
@@ -241,7 +241,7 @@ def _gate(args, parser) -> int:
         return EXIT_OK
     if not args.baseline:
         parser.error("give a BASELINE to compare with, or --write-baseline BASELINE")
-    study, cells, precision = measure(run_dir)
+    study, cells, precision, cpu_here = measure(run_dir)
     path = resolve_baseline_path(args.baseline, precision)
     baseline = load_baseline(path)
     if (study["name"], study["profile"]) != (baseline.study, baseline.profile):
@@ -251,10 +251,9 @@ def _gate(args, parser) -> int:
         raise GateInputError(f"the run trained in {precision}, the baseline {path} in {baseline.precision}: "
                              f"compare with a baseline of {precision} (e.g. baselines/<study>.{precision}.json, "
                              "python -m harness.gate RUN_DIR --write-baseline 'baselines/<study>.{precision}.json')")
-    here = run_cpu(run_dir)
-    if rules.throughput and baseline.cpu and here and here != baseline.cpu:
+    if rules.throughput and baseline.cpu and cpu_here and cpu_here != baseline.cpu:
         rules = dataclasses.replace(rules, max_slowdown=max(rules.max_slowdown, rules.other_cpu_slowdown))
-        print(f"gate: the run's trials ran on {here}, the baseline's on {baseline.cpu}: relative throughput is "
+        print(f"gate: the run's trials ran on {cpu_here}, the baseline's on {baseline.cpu}: relative throughput is "
               f"judged only against {1 - rules.max_slowdown:.2f}x there (ops speed up unevenly across CPUs); "
               "record a baseline on this CPU to judge it strictly", file=sys.stderr)
     rows = judge(baseline, cells, rules, pooled_noise(baseline))

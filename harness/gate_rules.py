@@ -166,15 +166,13 @@ def loss_scale(base: BaselineCell) -> float:
 def pooled_noise(baseline: Baseline) -> Pooled:
     cells = list(baseline.cells.values())
 
-    def pool(sds: list[float]) -> float:  # weighted by degrees of freedom: a cell of more seeds counts more
-        dfs = [max(1, c.seeds - 1) for c in cells]
-        return math.sqrt(sum(d * s * s for d, s in zip(dfs, sds)) / sum(dfs)) if sds else 0.0
+    def pool(sds: list[float | None]) -> float:  # weighted by degrees of freedom: a cell of more seeds counts more
+        pairs = [(max(1, c.seeds - 1), sd) for c, sd in zip(cells, sds) if sd is not None]
+        return math.sqrt(sum(d * sd * sd for d, sd in pairs) / sum(d for d, _ in pairs)) if pairs else 0.0
 
-    with_thr = [c for c in cells if c.throughput_log_std is not None]
-    thr = math.sqrt(sum(max(1, c.seeds - 1) * c.throughput_log_std ** 2 for c in with_thr) /
-                    sum(max(1, c.seeds - 1) for c in with_thr)) if with_thr else 0.0
     return Pooled(accuracy_sd=pool([c.accuracy_std for c in cells]),
-                  loss_cv=pool([c.train_loss_std / loss_scale(c) for c in cells]), throughput_log_sd=thr)
+                  loss_cv=pool([c.train_loss_std / loss_scale(c) for c in cells]),
+                  throughput_log_sd=pool([c.throughput_log_std for c in cells]))
 
 
 def accuracy_sd(base: BaselineCell, pooled: Pooled) -> float:

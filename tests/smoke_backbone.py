@@ -37,13 +37,12 @@ DEFAULT_OUT = ROOT / "baselines" / "ci_smoke_backbone.v1.pth"
 def warm_start_config(epochs: int, per_class: int) -> dict:
     """The smoke study's baseline trial, on other images (dataset seed 1), with no warm start of its own."""
     smoke = load_study(ROOT / "studies" / "ci_smoke.yaml").study
-    config = {"method": {"name": "baseline"},
-              "dataset": {**smoke.dataset.model_dump(), "seed": 1, "train_per_class": per_class, "test_per_class": 25},
-              "backbone": {**smoke.backbone.model_dump(mode="json"), "pretrained": False},
-              "train": {**smoke.train.model_dump(mode="json"), "epochs": epochs, "precision": "fp32",
-                        "reference_workload": False, "timeout_s": None, "eval_every": 1},
-              "seed": 0, "report": {"maps": 0}}
-    return config
+    return {"method": {"name": "baseline"},
+            "dataset": {**smoke.dataset.model_dump(), "seed": 1, "train_per_class": per_class, "test_per_class": 25},
+            "backbone": {**smoke.backbone.model_dump(mode="json"), "pretrained": False},
+            "train": {**smoke.train.model_dump(mode="json"), "epochs": epochs, "precision": "fp32",
+                      "reference_workload": False, "timeout_s": None, "eval_every": 1},
+            "seed": 0, "report": {"maps": 0}}
 
 
 class _Keep:
