@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from harness.escape import latex, latex_label, markdown_frame, printable
-from harness.paths import inside, name_problem
+from harness.paths import inside, name_problem, table_names_problem
 from harness.results import FAILED, FINISHED, atomic_write_bytes
 from harness.search_report import search_note
 from harness.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
@@ -144,6 +144,8 @@ def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     for name in [study["name"], study["profile"], *(study.get("tables") or {})]:
         if name_problem(name):
             raise ReportError(f"{study_file}: {name_problem(name)}")
+    if table_names_problem(list(study.get("tables") or {})):
+        raise ReportError(f"{study_file}: {table_names_problem(list(study['tables']))}")
     if "in_grid" in results:  # the tables show the current grid; results.parquet also keeps earlier finished trials
         study["_outside_grid"] = int((~results["in_grid"].fillna(False).astype(bool)).sum())
         results = results[results["in_grid"].fillna(False).astype(bool)].reset_index(drop=True)
@@ -210,7 +212,8 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         subset = spec_subset(results, spec)
         subset_curves = curves[curves["trial_id"].isin(subset["trial_id"])] if not curves.empty else curves
         metric = spec.get("metric", "test/acc")
-        table = add_references(paper_table(subset, spec["rows"], spec.get("columns"), metric),
+        table = add_references(paper_table(subset, spec["rows"], spec.get("columns"), metric,
+                                           bool(spec.get("model_comparison"))),
                                spec.get("reference"), study.get("path", ""))
         table.attrs["note"] = "; ".join(n for n in (search_note(study), mixed_precision_note(subset)) if n)
         tables[name] = (table, metric)
@@ -269,7 +272,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         for label, (_, study, results, _) in zip(labels, runs):
             own = table_specs(study).get(name, spec)
             table = paper_table(spec_subset(results, own), own["rows"], own.get("columns"),
-                                own.get("metric", "test/acc"))
+                                own.get("metric", "test/acc"), bool(own.get("model_comparison")))
             table = table.rename(columns=lambda c, label=label: f"{label} | {c}")
             table.attrs = {}  # per-run statistics frames: pandas would compare them when concatenating
             parts.append(table)

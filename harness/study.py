@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harness import study_yaml
 from harness.backbones import BackboneConfig
 from harness.escape import printable
-from harness.paths import name_problem
+from harness.paths import name_problem, table_names_problem
 from harness.registry import RegistryError, did_you_mean
-from harness.schema import ConfigModel
+from harness.schema import ConfigModel, distinct_seeds
 from harness.search import SearchConfig
 from harness.study_errors import StudyError, Where, format_errors
 from harness.study_overrides import (  # noqa: F401 - re-exported: the study API
@@ -175,6 +175,9 @@ class TableSpec(Strict):
                                                             "puts one column per metric (e.g. every head)")
     grid: str | None = Field(None, description="with `grids:`, the named grid whose trials the table shows")
     reference: Reference | None = Field(None, description="paper numbers to print beside ours")
+    model_comparison: bool = Field(False, description=(
+        "also compare the trained models of one-seed cells by an exact McNemar test on their per-image outcomes "
+        "(mark †): a statement about two networks, not two settings (harness.stats.compare_models)"))
 
 
 class MethodSection(BaseModel):
@@ -193,7 +196,8 @@ class Study(Strict):
     grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict, description=(
         "named grids whose trials are pooled (one-factor ablations around the base); a trial in "
         "several grids runs once"))
-    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], AfterValidator(distinct_seeds)] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=MAX_TRIALS, description="each listed once")
     resources: Resources = Field(default_factory=Resources)
     report: ReportConfig = Field(default_factory=ReportConfig)
     table: TableSpec | None = None
@@ -218,6 +222,9 @@ def _check_names(merged: dict, where: Where) -> None:
             problem = name_problem(table)
             if problem:
                 raise StudyError(f"{where.at(('tables', table))}table name {problem}")
+        problem = table_names_problem(list(merged["tables"]))  # the report's own files, and each other's
+        if problem:
+            raise StudyError(f"{where.at(('tables',))}{problem}")
     if "name" in merged:
         problem = name_problem(merged["name"])
         if problem:

@@ -2,14 +2,17 @@
 
 A cell is the mean over the seeds that finished, in % for accuracies: "65.0 ± 7.1 (n=2)", and with 3
 or more seeds its 95% confidence interval "(n=3, CI 58.1-71.9)". Within a table, for each accuracy
-metric and column, the best cell on the seeds every cell of the column ran is marked `*`; every other
-cell is compared with it on those seeds, one-sided (harness.stats.compare_column: a paired t-test over
-the seeds with the column's pooled error, or with one seed an exact McNemar test over the same test
-images), with Holm's correction over the column after the choice of the best: `≈` when it is not shown
-different from the best (adjusted p >= 0.05), nothing when it is significantly worse, `?` when no test
-applies (one seed and no per-image results, e.g. a non-primary head). The long-form statistics (mean,
-std, n, CI, the raw and the adjusted p, the test) are attached as `table.attrs["stats"]` and written as
-table_stats.csv; `table.attrs["power"]` is the table's power note (the minimum detectable effect).
+metric and column, the best cell on the seeds every cell of the column ran is marked `*`; with 2 or more
+shared seeds every other cell is compared with it on those seeds, one-sided (harness.stats.compare_column: a
+paired t-test over the seeds with the column's pooled error, which is the spread between training runs), with
+Holm's correction over the column after the choice of the best: `≈` when it is not shown different from the best
+(adjusted p >= 0.05), nothing when it is significantly worse, `?` when no test applies: above all one training run
+per cell (one seed), where differences between settings cannot be tested. A column's only finished cell gets `-`.
+A table with `model_comparison: true` also marks `†` a one-seed cell whose trained model is less accurate than the
+best cell's on the same test images (exact McNemar): a comparison of two networks, not of two settings.
+The long-form statistics (mean, std, n, CI, the raw and the adjusted p, the test) are attached as
+`table.attrs["stats"]` and written as table_stats.csv; `table.attrs["power"]` is the table's power note (the
+minimum detectable effect of the test used, or why there is none).
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ import numpy as np
 import pandas as pd
 
 from harness.results import FAILED, FINISHED
-from harness.stats import (ALPHA, CORRECTION, POWER, ColumnResult, Comparison, compare_column, summarize,
-                           unpack_correct)
+from harness.stats import (ALPHA, CORRECTION, MCNEMAR, ONE_RUN, POWER, T_POOLED, ColumnResult, Comparison,
+                           compare_column, summarize, unpack_correct)
 
 MISSING = "-"
 _NO_TEST = Comparison("")  # a cell of a metric no test applies to (not an accuracy)
 LEGEND = ("mean ± std over the n seeds that finished (95% CI with n ≥ 3); `*` the best cell of its column on the "
-          "seeds all its cells ran, `≈` not shown different from the best, no mark: significantly worse than the "
-          "best (one-sided, on those seeds: paired t-test over seeds, or exact McNemar over the same test images "
-          "with one seed; Holm over the column after the choice of the best, α = 0.05), `?`: no test applies")
+          "seeds all its cells ran; `≈` not shown different from the best; no mark: significantly worse than the best "
+          "(one-sided paired t-test over those seeds, whose pooled error is the spread between training runs; Holm "
+          "over the column after the choice of the best, α = 0.05); `?` no test applies, above all one training run "
+          "per cell: differences between settings cannot be tested (n ≥ 2 seeds); `-` after a value: nothing to "
+          "compare (the only finished cell of its column); `†` (tables with model_comparison): this trained model is "
+          "less accurate than the best cell's on the same test images (exact McNemar, Holm), a statement about two "
+          "networks, not their settings")
 
 
 def _number(value: float) -> str:
@@ -73,12 +80,13 @@ def _cell_text(values: pd.Series, statuses: pd.Series, percent: bool) -> tuple[s
 
 
 def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | None,
-                metric: str | list[str]) -> pd.DataFrame:
+                metric: str | list[str], model_comparison: bool = False) -> pd.DataFrame:
     """rows x columns of `metric` (in % for accuracies), with statistics and significance marks (see the
     module docstring); 'failed' where every seed failed, '-' where nothing ran.
 
     `columns` may name several axes (e.g. WS-DAN's crop and drop): one column per combination;
-    `metric` may list several metrics (e.g. MKSMT's heads): one column per metric, after the axes."""
+    `metric` may list several metrics (e.g. MKSMT's heads): one column per metric, after the axes;
+    `model_comparison`: also compare one-seed cells' trained models (McNemar, mark `†`)."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
     for m in metrics:
         if m not in results.columns:
@@ -99,8 +107,8 @@ def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | Non
             parts = [_label(a, v) for a, v in zip(cols, combo)] + ([m] if len(metrics) > 1 or not cols else [])
             labels.append(", ".join(parts))
             keys.append(combo + (m,))
-    stats, columns_tested = _significance(texts, groups, metrics)
-    marks = {(r["row_key"], r["col_key"]): r["mark"] for r in stats}
+    stats, columns_tested = _significance(texts, groups, metrics, model_comparison)
+    marks = {(r["row_key"], r["col_key"]): r["mark"] + (" †" if r["cmp"].model_worse else "") for r in stats}
     body = [[_marked(texts.get((r,) + k, (MISSING, None))[0], marks.get(((r,), k), "")) for k in keys]
             for r in row_values]
     table = pd.DataFrame(body, index=pd.Index([str(r) for r in row_values], name=rows.split(".")[-1]), columns=labels)
@@ -117,9 +125,13 @@ def paper_table(results: pd.DataFrame, rows: str, columns: str | list[str] | Non
         "p_adjusted": nan if r["cmp"].p_adjusted is None else r["cmp"].p_adjusted,
         "test": r["cmp"].test, "correction": CORRECTION if r["cmp"].p_adjusted is not None else "",
         "significantly_worse_than_best": r["cmp"].worse, "mark": r["mark"],
-        "min_detectable_effect": nan if r["mde"] is None else r["mde"]}
+        "min_detectable_effect": nan if r["mde"] is None else r["mde"],
+        **({"model_p_raw": nan if r["cmp"].model_p_raw is None else r["cmp"].model_p_raw,
+            "model_p_adjusted": nan if r["cmp"].model_p_adjusted is None else r["cmp"].model_p_adjusted,
+            "model_test": MCNEMAR if r["cmp"].model_p_raw is not None else "",
+            "model_less_accurate_than_best": r["cmp"].model_worse} if model_comparison else {})}
         for r in stats])
-    table.attrs["power"] = power_note(columns_tested)
+    table.attrs["power"] = power_note(columns_tested, model_comparison)
     return table
 
 
@@ -127,7 +139,8 @@ def _marked(text: str, mark: str) -> str:
     return f"{text} {mark}" if mark else text
 
 
-def _significance(texts: dict, groups: dict, metrics: list[str]) -> tuple[list[dict], list[ColumnResult]]:
+def _significance(texts: dict, groups: dict, metrics: list[str],
+                  model_comparison: bool = False) -> tuple[list[dict], list[ColumnResult]]:
     """Each finished cell against the best cell of its column (the rows compared under one setting of the
     column axes and one metric: the best method per dataset, the best S with and without jigsaw), and the
     columns that were tested."""
@@ -139,8 +152,10 @@ def _significance(texts: dict, groups: dict, metrics: list[str]) -> tuple[list[d
             continue
         result = None
         if is_accuracy(m):
+            primary = m == "test/acc"
             result = compare_column({k: _by_seed(groups[k], m) for k in cells},
-                                    {k: _outcomes(groups[k]) for k in cells} if m == "test/acc" else None)
+                                    {k: _outcomes(groups[k]) for k in cells} if primary and model_comparison else None,
+                                    models=primary and model_comparison)
             if len(result.cells) > 1:
                 tested.append(result)
         for k, summary in cells.items():
@@ -151,26 +166,44 @@ def _significance(texts: dict, groups: dict, metrics: list[str]) -> tuple[list[d
     return out, tested
 
 
-def power_note(columns: list[ColumnResult]) -> str:
-    """What "≈" can and cannot mean in a table: the smallest gap to the best its columns detect 80% of the time."""
+def power_note(columns: list[ColumnResult], model_comparison: bool = False) -> str:
+    """What the marks can and cannot mean in a table: the smallest gap to the best that the test used detects 80% of
+    the time (exact: harness.stats.t_test_mde), or why no test applies (one training run per cell)."""
     if not columns:
         return ""
-    k = sorted({len(c.cells) for c in columns})
-    n = sorted({len(c.seeds) for c in columns})
-    known = [c for c in columns if c.mde is not None]
     span = (lambda v: f"{v[0]}" if v[0] == v[-1] else f"{v[0]}-{v[-1]}")
-    what = f"{span(k)} cells per column, {span(n)} shared seed{'s' if n[-1] > 1 else ''}"
-    if not known:
-        return (f"Power: {what}; no test applies to these columns (one seed and no per-image outcomes, or no spread "
-                "over seeds), so no mark says whether cells differ.")
-    mdes = sorted(100 * c.mde for c in known)
-    gap = f"{mdes[0]:.1f}" if mdes[-1] - mdes[0] < 0.05 else f"{mdes[0]:.1f}-{mdes[-1]:.1f}"
-    images = sorted({c.test_images for c in known if c.test_images})
-    on = f" on {span(images)} test images" if images else ""
-    tests = " / ".join(dict.fromkeys(c.mde_test for c in known))
-    return (f"Power: {what}{on} ({tests}, Holm over the column, α = {ALPHA}): a cell about {gap} points below the "
-            f"best is marked worse {POWER:.0%} of the time when it is the only one behind; smaller gaps often read "
-            "≈, which then means \"not shown different\", not \"equal\".")
+    gaps = (lambda v: f"{v[0]:.1f}" if v[-1] - v[0] < 0.05 else f"{v[0]:.1f}-{v[-1]:.1f}")
+    notes = []
+    tested = [c for c in columns if not c.one_run]
+    if tested:
+        k = sorted({len(c.cells) for c in tested})
+        n = sorted({len(c.seeds) for c in tested})
+        known = [c for c in tested if c.mde is not None]
+        what = f"{span(k)} cells per column, {span(n)} shared seeds"
+        if known:
+            notes.append(f"Power: {what} ({T_POOLED}, Holm over the column, α = {ALPHA}): a cell about "
+                         f"{gaps(sorted(100 * c.mde for c in known))} points below the best is marked worse "
+                         f"{POWER:.0%} of the time when it is the only one behind (noncentral t with the column's "
+                         "spread between seeds); smaller gaps often read ≈, which then means \"not shown different\", "
+                         "not \"equal\".")
+        else:
+            notes.append(f"Power: {what}; the seeds show no spread, so no test applies and no mark says whether "
+                         "cells differ.")
+    lone = [c for c in columns if c.one_run]
+    if lone:
+        k = sorted({len(c.cells) for c in lone})
+        note = (f"{'Also: ' if tested else 'Power: '}{span(k)} cells per column, 1 seed: {ONE_RUN}; the table "
+                "shows the highest cell (`*`) but marks none worse. Run more seeds (--set \"seeds=[0,1,2]\").")
+        models = [c for c in lone if c.model_mde is not None or c.test_images]
+        if model_comparison and models:
+            mdes = sorted(100 * c.model_mde for c in models if c.model_mde is not None)
+            images = sorted({c.test_images for c in models if c.test_images})
+            found = (f"finds a gap of about {gaps(mdes)} points between two trained models {POWER:.0%} of the time "
+                     "(exact binomial power at Holm's first level)") if mdes else \
+                "cannot reach its level with so few discordant images"
+            note += f" `†` ({MCNEMAR}, on {span(images)} test images) {found}."
+        notes.append(note)
+    return " ".join(notes)
 
 
 def _by_seed(group: pd.DataFrame, metric: str) -> dict[int, float]:
