@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,9 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 import harness
-from harness.escape import redact_uri
+from harness.bounded import npz_problem
+from harness.escape import printable, redact_uri
+from harness.paths import identity_problem, inside
 from harness.protocol import compare, describe
 from harness.results import FAILED, atomic_write_bytes
 from harness import search_report
@@ -52,35 +54,52 @@ def _with_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
     return np.asarray(picture)
 
 
+MAX_MAPS_BYTES = 512 << 20  # a trial's maps.npz: 32 images of 448 px with a dozen maps is ~100 MB
+
+
 def maps_of_trial(path: Path, label: str) -> dict | None:
-    """A trial's maps.npz as rows of PNGs (one row per map, one column per image); None when it has none, or when
-    the file is unreadable (said on stderr: a corrupt file costs its maps, not the report)."""
-    if not path.exists():
+    """A trial's maps.npz as rows of PNGs (one row per map, one column per image); None when it has none. A file
+    that cannot be read (corrupt, a link, a header claiming more than it holds, images of no pixels) costs its
+    maps, not the report: the cell says "maps unreadable: <reason>" (and so does stderr)."""
+    if not os.path.lexists(path):
         return None
-    try:
-        return _maps_of_trial(path, label)
-    except (OSError, ValueError, KeyError, EOFError, IndexError, TypeError, zipfile.BadZipFile) as e:
-        print(f"warning: {path}: unreadable maps, left out of the report ({type(e).__name__}: {e})", file=sys.stderr)
-        return None
+    if os.path.islink(path):
+        problem = "a symbolic link (a trial's maps are a file of its own)"
+    else:
+        problem = npz_problem(path, MAX_MAPS_BYTES)
+    if problem is None:
+        try:
+            return _maps_of_trial(path, label)
+        except Exception as e:  # noqa: BLE001 - any one bad trial costs its maps, never the page
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+    print(printable(f"warning: {path}: maps unreadable, left out of the report ({problem})"), file=sys.stderr)
+    return {"label": label, "error": f"maps unreadable: {problem}", "images": [], "rows": []}
 
 
 def _maps_of_trial(path: Path, label: str) -> dict:
-    data = np.load(path, allow_pickle=False)
-    images = data["images"]
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    images = arrays["images"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3 or not 0 < images.shape[0] <= 64 \
+            or not all(0 < side <= 4096 for side in images.shape[2:]):
+        raise ValueError(f"images of shape {images.shape} and type {images.dtype}: expected (N, 3, H, W) uint8 "
+                         "with 1 to 64 images of 1 to 4096 px")
     scale = max(1, MAP_PX // images.shape[-1])
 
     def big(rgb: np.ndarray) -> np.ndarray:
         return np.kron(rgb, np.ones((scale, scale, 1), dtype=np.uint8)) if scale > 1 else rgb
 
     rows = []
-    for key in data.files:
+    for key, values in arrays.items():
         if not key.startswith("map:"):
             continue
-        values = data[key].astype(np.float32)
-        if values.ndim == 3:
+        values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        if values.ndim == 3 and values.shape == (images.shape[0], *images.shape[2:]):
             shown = [_png(big(_overlay(img, m))) for img, m in zip(images, values)]
-        else:
+        elif values.shape == (images.shape[0], 4):
             shown = [_png(big(_with_box(img, b))) for img, b in zip(images, values)]
+        else:
+            raise ValueError(f"{printable(key)[:80]} of shape {values.shape} does not fit images {images.shape}")
         rows.append({"name": key[4:], "images": shown})
     originals = [_png(big(img.transpose(1, 2, 0))) for img in images]
     return {"label": label, "images": originals, "rows": rows}
@@ -155,7 +174,9 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
     cells = []
     for _, row in results.sort_values([a for a in axes if a in results] + ["seed"]).iterrows():
         label = ", ".join(f"{a.split('.')[-1]}={row[a]}" for a in axes if a in results) + f", seed {row['seed']}"
-        cell = maps_of_trial(run_dir / "trials" / row["trial_id"] / "maps.npz", label)
+        problem = identity_problem(row["trial_id"])  # results.parquet is stored data: an id is checked, then joined
+        cell = ({"label": label, "error": f"maps unreadable: trial id {problem}", "images": [], "rows": []} if problem
+                else maps_of_trial(inside(run_dir / "trials", row["trial_id"], "maps.npz"), label))
         if cell:
             cells.append(cell)
     protocol = None
@@ -185,7 +206,7 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
         localisation=[{"title": name or "localisation", "html": html(t), "note": t.attrs.get("note", "")}
                       for name, t in localisation.items()],
         heads=html(heads) if not heads.empty else "", plots=plots, cells=cells,
-        n_images=len(cells[0]["images"]) if cells else 0, map_px=MAP_PX, protocol=protocol,
+        n_images=max((len(c["images"]) for c in cells), default=0), map_px=MAP_PX, protocol=protocol,
         trials=_trials_table(results, axes, hours, kind), failed=failed, version=harness.__version__,
         search=search_report.html_entries(search or [], out),
         run_dir=run_dir)

@@ -41,3 +41,86 @@ def inside(root: str | os.PathLike, *parts: str | os.PathLike) -> Path:
     if os.path.commonpath([base, full]) != base:
         raise UnsafePath(f"refusing to write {path}: it is outside {root}")
     return path
+
+
+IDENTITY = re.compile(r"[0-9a-f]{12}")
+
+
+def identity_problem(text: object) -> str | None:
+    """Why `text` is not a trial or search-unit identity (12 hex digits, harness.trials.trial_identity): stored
+    data (results.parquet, a search summary) names trials, and a name is checked before it is joined to a path."""
+    if isinstance(text, str) and IDENTITY.fullmatch(text):
+        return None
+    return f"{str(text)[:60]!r} is not a trial identity (12 hex digits)"
+
+
+# ----------------------------------------------------------------------------- names the report writes
+
+# Every file and folder the report writes at the top of its folder besides the tables' own (harness.report,
+# harness.search_report, harness.html_report): a table's plot folder may not take one of these names.
+REPORT_FILES = ("table.md", "table.csv", "table.tex", "table_stats.csv", "table_localisation.csv",
+                "table_localisation.tex", "table_localisation_stats.csv", "protocol.md", "index.html", "summary.json",
+                "search.md", "search", "learning_curves.png", "compare.md", "compare.html")
+
+
+def _table_outputs(name: str) -> list[str]:
+    """What the report writes for a named table: its plot folder, and its CSV, LaTeX and statistics with its
+    localisation table's (harness.report.write_tables)."""
+    stems = [f"table_{name}", f"table_{name}_localisation"]
+    return [name] + [f"{stem}{ext}" for stem in stems for ext in (".csv", ".tex", "_stats.csv")]
+
+
+def table_names_problem(names: list[str]) -> str | None:
+    """Why these table names cannot share one report folder (None when they can): a name whose plot folder would
+    be one of the report's own files, or two tables whose files would be one (`a` and `a_stats`: both write
+    table_a_stats.csv; `a` and `a_localisation`). Compared without case (a Mac's or Windows' disk)."""
+    owner = {f.lower(): "the report itself" for f in REPORT_FILES}
+    for name in names:
+        for path in _table_outputs(name):
+            other = owner.get(path.lower())
+            if other is not None:
+                what = "is one of the report's own files" if other == "the report itself" else \
+                    f"would also be written for table '{other}'"
+                return (f"table name '{name}': its {'plot folder' if path == name else 'file'} {path} {what}; "
+                        "rename the table (e.g. without a file extension, '_stats' or '_localisation' at its end)")
+            owner[path.lower()] = name
+    return None
+
+
+# ----------------------------------------------------------------------------- files in shared folders
+
+def refuse_link(path: str | os.PathLike, what: str = "file") -> None:
+    """Raise UnsafePath when `path` is a symbolic link (or anything but a regular file where one is expected):
+    a file the harness writes in a shared folder is its own, never a link that would send the write elsewhere."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    import stat
+
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafePath(f"refusing to write {path}: it is a symbolic link (to {os.readlink(path)!r}); the {what} "
+                         "is the harness's own: remove the link")
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        raise UnsafePath(f"refusing to write {path}: it is not a regular file; remove it")
+
+
+def open_own(path: str | os.PathLike, what: str = "file") -> int:
+    """A file descriptor of `path` opened for reading and writing, created if absent, never through a symbolic
+    link (O_NOFOLLOW), and a regular file (a FIFO or a device is refused without blocking)."""
+    import stat
+
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if os.path.islink(path):
+            raise UnsafePath(f"refusing to open {path}: it is a symbolic link (to {os.readlink(path)!r}); the {what} "
+                             "is the harness's own: remove the link") from None
+        raise e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"refusing to open {path}: it is not a regular file; remove it")
+    os.set_blocking(fd, True)
+    return fd

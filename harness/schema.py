@@ -116,3 +116,14 @@ def _field_kinds(model: type[BaseModel], name: str) -> set[str]:
         field = model.__pydantic_fields__.get(name)
         _KINDS[key] = _kinds(field.annotation) if field is not None else set()
     return _KINDS[key]
+
+
+def distinct_seeds(seeds: list[int]) -> list[int]:
+    """A seed list names each seed once: a repeated seed would count as one run but expand as many (issue 26)."""
+    from collections import Counter
+
+    repeated = [(s, n) for s, n in Counter(seeds).items() if n > 1]
+    if repeated:
+        shown = ", ".join(f"{s} ({n:,} times)" for s, n in repeated[:5])
+        raise ValueError(f"seeds listed more than once: {shown}; list each seed once (each is one run of every cell)")
+    return seeds

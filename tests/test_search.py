@@ -4,7 +4,6 @@ that reruns nothing. The real-Ray runs are in tests/test_search_run.py (slow).""
 
 import json
 import math
-import pickle
 import sys
 
 import numpy as np
@@ -280,7 +279,7 @@ def test_an_unfinished_search_resumes_from_its_saved_state(tmp_path):
     configs = [first.suggest(f"a{i}")["trial"] for i in range(4)]
     for i in range(2):
         _complete(first, f"a{i}", configs[i]["values"])
-    state = tmp_path / "searcher-state.pkl"
+    state = tmp_path / "searcher-state.json"
     first.save(str(state))  # a{2} and a{3} were running when the state was saved; a{2} finishes after it
     ended_after_save = configs[2]["id"]
 
@@ -406,12 +405,14 @@ def test_a_finished_search_reruns_nothing_and_starts_no_ray(tmp_path, capsys):
     assert all(read_unit_summary(store, u) is None for u in bigger.search.units)
 
 
-def test_searcher_state_pickles(tmp_path):
+def test_searcher_state_is_json_data(tmp_path):
     searcher, _ = _searcher(tmp_path, "random", trials=3)
     searcher.suggest("x")
-    path = tmp_path / "s.pkl"
+    path = tmp_path / "s.json"
     searcher.save(str(path))
-    assert pickle.loads(path.read_bytes())["version"] == 1
+    state = json.loads(path.read_bytes())
+    assert state["version"] == 2 and state["format"] == "fgvc-harness searcher state"
+    assert searcher.CKPT_FILE_TMPL == "searcher-state-{}.json"  # the name Tune saves it under
 
 
 def test_methods_tuned_tunes_every_method_of_the_comparison_with_one_budget(monkeypatch):

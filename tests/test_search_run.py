@@ -100,7 +100,7 @@ def test_a_killed_search_resumes_and_a_finished_one_reruns_nothing(tmp_path):
 
     def half_done() -> bool:
         done = [r for r in records(run_dir).values() if r.get("kind") == "search"]
-        saved = list((run_dir / "ray" / "tune").glob("search-*/searcher-state-*.pkl"))
+        saved = list((run_dir / "ray" / "tune").glob("search-*/searcher-state-*.json"))
         return len(done) >= 3 and bool(saved)
 
     deadline = time.time() + 400

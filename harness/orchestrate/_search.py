@@ -5,8 +5,9 @@ Stored (besides results.parquet, where every row says its `kind`: `search` or `f
 
     runs/<study>/<profile>/search/<unit>.json   each cell's search once it ended: every trial with its knob values,
                                                 status and validation score, the chosen one, the budget spent
-    <storage>/tune/search-<stamp>/searcher-state-*.pkl   Tune's saved searcher state (every cell's suggestions,
-                                                results and sub-searcher), restored by the next run
+    <storage>/tune/search-<stamp>-<random>/searcher-state-*.json   the saved searcher state (every cell's
+                                                suggestions, results and sub-searcher state), restored by the next
+                                                run: JSON with a schema, never a pickle (_searcher_state)
 
 Resuming: a rerun restores the newest saved searcher state, takes the trials that ended after it was saved from
 the results store, and runs the ones that were running again (from their epoch checkpoints); a cell whose search
@@ -19,12 +20,16 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 
 import pyarrow.fs as pafs
 from ray import tune
 
 from harness.orchestrate._callback import TUNE_KEYS, StoreCallback
+from harness.escape import printable
+from harness.orchestrate._searcher_state import MAX_BYTES as MAX_STATE_BYTES, StateError, checked_summary
 from harness.orchestrate._searchers import StudySearcher, UnitScheduler, UnitSearch, make_sub_searcher
+from harness.paths import inside, name_problem
 from harness.orchestrate._trial import trainable
 from harness.progress import Progress
 from harness.results import FAILED, FINISHED, STOPPED, ResultStore, atomic_write_bytes
@@ -81,16 +86,31 @@ class SearchCallback(StoreCallback):
 
 
 def summary_path(store: ResultStore, unit: SearchUnit):
-    return store.root / "search" / f"{unit.unit_id}.json"
+    return inside(store.root / "search", f"{unit.unit_id}.json")
 
 
-def read_unit_summary(store: ResultStore, unit: SearchUnit) -> dict | None:
-    """The stored end of a cell's search, when it ended with the budget the study gives it now."""
+def read_unit_summary(store: ResultStore, unit: SearchUnit, log=None) -> dict | None:
+    """The stored end of a cell's search, when it ended with the budget the study gives it now (and its points
+    are the unit's: their trial ids are recomputed from their values, never taken as they are stored)."""
+    from harness.bounded import BoundedReadError, read_json
+
+    path = summary_path(store, unit)
     try:
-        found = json.loads(summary_path(store, unit).read_text())
-    except (OSError, ValueError):
+        found = read_json(path, MAX_STATE_BYTES)
+    except FileNotFoundError:
         return None
-    return found if found.get("budget") == unit.budget.model_dump(mode="json") else None
+    except BoundedReadError as e:
+        found = e
+    if isinstance(found, dict) and found.get("budget") != unit.budget.model_dump(mode="json"):
+        return None
+    try:
+        if isinstance(found, Exception):
+            raise StateError(str(found))
+        return checked_summary(unit, found)
+    except StateError as e:
+        if log is not None:
+            log(f"warning: {printable(path)} is unusable ({printable(str(e))[:300]}); the cell is searched again")
+        return None
 
 
 def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: int, keep_checkpoints: bool,
@@ -136,7 +156,7 @@ def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: i
         return out
 
     for unit in plan.units:
-        ended = read_unit_summary(store, unit)
+        ended = read_unit_summary(store, unit, log)
         if ended is None:
             pending.append(unit)
             continue
@@ -219,7 +239,7 @@ def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: i
 
     units = [UnitSearch(u, make_sub_searcher(u, search), search.metric) for u in pending]
     searcher = StudySearcher(units, make_trial, make_final, stored, log)
-    restored = _restore(searcher, env, log)
+    restored = _restore(searcher, env, log, search)
     if restored:
         from_store, again = searcher.reconcile()
         for unit in units:  # the restored trials' epochs back into their cell's ASHA rungs
@@ -256,7 +276,7 @@ def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: i
                                     max_concurrent_trials=concurrency,
                                     trial_name_creator=lambda t: t.config["trial"]["trial_id"],
                                     trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
-        run_config=tune.RunConfig(name=EXPERIMENT_PREFIX + time.strftime("%Y%m%d-%H%M%S"),
+        run_config=tune.RunConfig(name=experiment_name(),
                                   storage_path=env.where.uri(checkpoints.tune_root),
                                   failure_config=tune.FailureConfig(max_failures=max_retries),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -277,27 +297,56 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _restore(searcher: StudySearcher, env, log) -> str:
+def _restore(searcher: StudySearcher, env, log, search) -> str:
     """The newest searcher state an earlier run of this study saved on the storage (Tune writes it in the
-    experiment folder): restored into the units it knows. Returns where it came from, or ''."""
+    experiment folder): restored into the units it knows. Returns where it came from, or ''.
+
+    Only our JSON is read (harness.orchestrate._searcher_state), at most its size limit, from experiment folders
+    whose names are ours; a pickle (an older harness's `.pkl`, or one planted) is never opened. A state that does
+    not pass its checks is named in a warning and the search goes on afresh (stored results still count)."""
     storage, root = env.where, env.checkpoints.tune_root
-    for run in sorted((d for d in storage.dirs(root) if d.rstrip("/").rsplit("/", 1)[-1].startswith(EXPERIMENT_PREFIX)),
-                      reverse=True):
+    runs = [d for d in storage.dirs(root) if _experiment_name(d.rstrip("/").rsplit("/", 1)[-1])]
+    pickles = 0
+    for run in sorted(runs, reverse=True):
         try:
-            files = [i.path for i in storage.fs.get_file_info(pafs.FileSelector(run))
-                     if i.base_name.startswith("searcher-state-") and i.base_name.endswith(".pkl")]
+            infos = [i for i in storage.fs.get_file_info(pafs.FileSelector(run)) if i.base_name.startswith("searcher-state-")]
         except OSError:
             continue
-        for path in sorted(files, reverse=True):
+        pickles += sum(i.base_name.endswith(".pkl") for i in infos)
+        for info in sorted((i for i in infos if i.base_name.endswith(".json")), key=lambda i: i.path, reverse=True):
+            name = printable(info.path)
             try:
-                with storage.fs.open_input_stream(path) as f:
-                    labels = searcher.restore_bytes(f.read())
-            except Exception as e:  # noqa: BLE001 - an unreadable state: search afresh (stored results still count)
-                log(f"searcher state {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); not restored")
+                if info.type != pafs.FileType.File or (info.size or 0) > MAX_STATE_BYTES:
+                    raise StateError(f"not a regular file of at most {MAX_STATE_BYTES:,} bytes")
+                with storage.fs.open_input_stream(info.path) as f:
+                    labels = searcher.restore_bytes(f.read(MAX_STATE_BYTES + 1))
+            except (StateError, OSError, UnicodeError) as e:  # search afresh (stored results still count)
+                log(f"warning: searcher state {name} is unusable ({printable(str(e))[:300]}); not restored")
+                _fresh(searcher, search)
                 continue
             if labels:
-                return f"{path.rsplit('/', 2)[-2]}: {len(labels)} cells"
+                return f"{info.path.rsplit('/', 2)[-2]}: {len(labels)} cells"
+    if pickles:
+        log(f"warning: {pickles} searcher state file(s) under {printable(root)} are pickles (an older harness, or "
+            "planted): never read, a pickle can run code; the search goes on from the results store")
     return ""
+
+
+def _experiment_name(name: str) -> bool:
+    """An experiment folder this harness names (search-<stamp>[-<random>]): nothing else under tune/ is read."""
+    return name.startswith(EXPERIMENT_PREFIX) and name_problem(name) is None
+
+
+def experiment_name() -> str:
+    """A fresh experiment's name: its stamp (newest sorts last) and a random part, so no folder planted on the
+    storage beforehand can be the one Tune writes (and reads back) its own state in."""
+    return f"{EXPERIMENT_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def _fresh(searcher: StudySearcher, search) -> None:
+    """Every unit back to a fresh sub-searcher and no points (after a state that failed midway)."""
+    for unit in searcher.units:
+        unit.searcher, unit.points, unit.reissue = make_sub_searcher(unit.unit, search), [], []
 
 
 def write_unit_summary(store: ResultStore, unit: UnitSearch, best, search) -> None:

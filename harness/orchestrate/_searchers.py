@@ -13,15 +13,13 @@ across methods. So:
 - `UnitScheduler` (a Tune scheduler) keeps an ASHAScheduler per unit, fed only that unit's search trials.
 
 Its state (every unit's suggestions, results and sub-searcher) is what Tune saves as the experiment's searcher
-state on the storage (`searcher-state-*.pkl`); a rerun restores it (harness.orchestrate._search).
+state on the storage (`searcher-state-*.json`): data with a schema, never a pickle (harness.orchestrate.
+_searcher_state); a rerun restores it (harness.orchestrate._search).
 """
 
 from __future__ import annotations
 
-import io
-import os
-import pickle
-import tempfile
+import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -29,9 +27,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from harness.orchestrate import _searcher_state
 from harness.search import Distribution, SearchConfig, SearchUnit, choose_best
 
-STATE_VERSION = 1
+STATE_VERSION = _searcher_state.VERSION
+STATE_FILE = "searcher-state-{}.json"  # Tune's name for a searcher's file (Searcher.CKPT_FILE_TMPL), as JSON
 
 
 def tune_domain(dist: Distribution):
@@ -62,13 +62,20 @@ class RandomSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         pass
 
+    CKPT_FILE_TMPL = STATE_FILE
+
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"rng": self.rng.bit_generator.state}, f)
+        with open(checkpoint_path, "w") as f:
+            json.dump(_searcher_state.sub_state(self), f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.rng.bit_generator.state = pickle.load(f)["rng"]
+            data = f.read(_searcher_state.MAX_BYTES + 1)
+        try:
+            sub = _searcher_state.RandomState.model_validate_json(data)
+        except ValueError as e:
+            raise _searcher_state.StateError(f"not a random searcher's state ({type(e).__name__})") from None
+        _searcher_state.replay(self, "", sub, [])
 
 
 def make_sub_searcher(unit: SearchUnit, search: SearchConfig) -> Searcher:
@@ -85,20 +92,6 @@ def make_sub_searcher(unit: SearchUnit, search: SearchConfig) -> Searcher:
     # Optuna's own distributions (Tune's converter): OptunaSearch warns about Tune domains passed as `space`.
     return OptunaSearch(space=OptunaSearch.convert_search_space(space), metric=search.metric, mode="max",
                         sampler=sampler)
-
-
-def _searcher_bytes(searcher: Searcher) -> bytes:
-    with tempfile.TemporaryDirectory() as d:
-        searcher.save(os.path.join(d, "s.pkl"))
-        with open(os.path.join(d, "s.pkl"), "rb") as f:
-            return f.read()
-
-
-def _restore_searcher(searcher: Searcher, data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "s.pkl"), "wb") as f:
-            f.write(data)
-        searcher.restore(os.path.join(d, "s.pkl"))
 
 
 @dataclass
@@ -157,11 +150,14 @@ class UnitSearch:
                 p.status, p.value, p.epochs, p.ok = "alias", point.value, point.epochs, point.ok
 
     def state(self) -> dict:
-        return {"points": [asdict(p) for p in self.points], "searcher": _searcher_bytes(self.searcher)}
+        return {"points": [asdict(p) for p in self.points], "sub": _searcher_state.sub_state(self.searcher)}
 
-    def restore(self, state: dict) -> None:
-        _restore_searcher(self.searcher, state["searcher"])
-        self.points = [Point(**p) for p in state["points"]]
+    def restore(self, state: _searcher_state.UnitState) -> None:
+        """Its points and sub-searcher from a saved state (checked against this unit first; StateError when it
+        does not fit: this unit's sub-searcher may then be half replayed, so the caller starts a fresh one)."""
+        points = _searcher_state.checked_points(self.unit, state)
+        _searcher_state.replay(self.searcher, self.metric, state.sub, points)
+        self.points = [Point(**p) for p in points]
         self.reissue = [p for p in self.points if p.state == "running"]
 
 
@@ -230,28 +226,29 @@ class StudySearcher(Searcher):
         point.epochs = int(result.get("epoch", 0) or 0)
         unit.tell(point)  # a unit whose last trial this was ends at the next suggest (after Tune's callbacks)
 
+    CKPT_FILE_TMPL = STATE_FILE  # Tune's Searcher.save_to_dir names the file after this
+
     def save(self, checkpoint_path: str) -> None:
-        state = {"version": STATE_VERSION, "units": {u.unit.unit_id: u.state() for u in self.units}}
+        data = _searcher_state.dump({u.unit.unit_id: u.state() for u in self.units})
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)
+            f.write(data)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.restore_bytes(f.read())
+            self.restore_bytes(f.read(_searcher_state.MAX_BYTES + 1))
 
     # --- resuming
 
     def restore_bytes(self, data: bytes) -> list[str]:
-        """Restore the units this state knows (by unit id); returns their labels."""
-        state = pickle.load(io.BytesIO(data))
-        if state.get("version") != STATE_VERSION:
-            return []
-        restored = []
-        for unit in self.units:
-            if unit.unit.unit_id in state["units"] and not unit.done:
-                unit.restore(state["units"][unit.unit.unit_id])
-                restored.append(unit.unit.label)
-        return restored
+        """Restore the units this state knows (by unit id); returns their labels. Raises StateError (nothing
+        restored, unless a TPE replay failed midway: see UnitSearch.restore) when the state cannot be used."""
+        state = _searcher_state.parse(data)
+        todo = [u for u in self.units if u.unit.unit_id in state.units and not u.done]
+        for unit in todo:  # every unit's points checked before any is restored
+            _searcher_state.checked_points(unit.unit, state.units[unit.unit.unit_id])
+        for unit in todo:
+            unit.restore(state.units[unit.unit.unit_id])
+        return [u.unit.label for u in todo]
 
     def reconcile(self) -> tuple[int, int]:
         """After a restore: points that were running when the state was saved and have a stored result since
