@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from harness.escape import latex, latex_label, markdown_frame, printable
+from harness.escape import csv_frame, latex, latex_frame, latex_label, markdown_frame, markdown_text, printable
 from harness.paths import inside, name_problem, table_names_problem
 from harness.results import FAILED, FINISHED, atomic_write_bytes
 from harness.search_report import search_note
@@ -45,17 +45,19 @@ def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFram
     """table.md holds every table; each also as CSV and LaTeX (table.csv, or table_<name>.csv when named)."""
     md = f"# {title}\n\nTop-1 % for accuracies: {LEGEND}.\n" + (f"\n{outside_note}\n" if outside_note else "")
     for name, (table, metric) in tables.items():
-        note = f"**{table.attrs['note']}**\n\n" if table.attrs.get("note") else ""
+        note = f"**{markdown_text(table.attrs['note'])}**\n\n" if table.attrs.get("note") else ""
         power = f"\n{table.attrs['power']}\n" if table.attrs.get("power") else ""  # what ≈ can mean here
         heading = name or (metric if isinstance(metric, str) else ', '.join(metric))
         md += f"\n## {heading}\n\n{note}{markdown_frame(table).to_markdown()}\n{power}"
         stem = f"table_{name}" if name else "table"
-        atomic_write_bytes(inside(out, f"{stem}.csv"), table.to_csv().encode())
+        atomic_write_bytes(inside(out, f"{stem}.csv"), csv_frame(table).to_csv().encode())  # = + - @: text
         if "stats" in table.attrs:
-            atomic_write_bytes(inside(out, f"{stem}_stats.csv"), table.attrs["stats"].to_csv(index=False).encode())
+            stats = csv_frame(table.attrs["stats"])
+            atomic_write_bytes(inside(out, f"{stem}_stats.csv"), stats.to_csv(index=False).encode())
         # Cells, index and column labels are escaped by pandas; the caption and label are ours to escape.
         caption = latex(f"{title}{': ' + name if name else ''}") + r" (top-1 \%)"
-        tex = table.to_latex(escape=True, caption=caption, label=latex_label(f"tab:{title.split()[0]}:{stem}"))
+        tex = latex_frame(table).to_latex(escape=True, caption=caption,  # one line per cell: no blank line
+                                          label=latex_label(f"tab:{title.split()[0]}:{stem}"))
         atomic_write_bytes(inside(out, f"{stem}.tex"), tex.encode())
     if not heads.empty:
         md += f"\n## Accuracy of every head (%)\n\n{markdown_frame(heads).to_markdown()}\n"
@@ -85,6 +87,7 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
     import seaborn as sns
 
     sns.set_theme(style="whitegrid")
+    matplotlib.rcParams["text.parse_math"] = False  # a label such as $\undefined{x}$ is text, not mathtext
     cols = [columns] if isinstance(columns, str) else list(columns or [])
     written = []
     finished = results[results["status"] == FINISHED].copy()

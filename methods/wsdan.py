@@ -1,6 +1,7 @@
 """WS-DAN: Weakly Supervised Data Augmentation Network (Hu et al., arXiv 1901.09891).
 
-Faithful to the paper and the authors' code (tau-yihouxiang/WS_DAN, TensorFlow; GuYuc/WS-DAN.PyTorch):
+Faithful to the paper and the authors' code (tau-yihouxiang/WS_DAN, TensorFlow; GuYuc/WS-DAN.PyTorch, a port),
+which agree on all but the augmentation's pixel geometry and the map draw (below):
 - M attention maps from a BasicConv2d 1x1 (conv without bias -> BN(eps 1e-3) -> ReLU) on one
   backbone stage (Inception-v3 Mixed_6e in the paper; `stage` counts from the last, the backbone
   is truncated after it);
@@ -12,10 +13,18 @@ Faithful to the paper and the authors' code (tau-yihouxiang/WS_DAN, TensorFlow; 
   update c[y] += beta (f - normalize(c[y])) with beta = 0.05, without gradient;
 - attention-guided augmentation without gradient: per image, two maps drawn with probability
   proportional to sqrt of each map's spatial sum (L1-normalised), one for the crop and one for the
-  drop, with replacement (both authors' codes: the PyTorch port draws both in one
-  `np.random.choice(M, 2, p=...)`, models/wsdan.py; the TF code draws each on its own,
-  train_sample.py), so crop and drop may use the same map. Crop: threshold theta_c ~ U(0.4, 0.6) x max, bounding box of the mask padded by 10% of the
-  image, bilinearly resized to the input size. Drop: theta_d ~ U(0.2, 0.5) x max, image x (map < theta_d);
+  drop, with replacement (the PyTorch port draws both in one `np.random.choice(M, 2, p=...)`,
+  models/wsdan.py; the TF code, train_sample.py, draws each on its own and uniformly: its part weights
+  are commented out, `map_choice: uniform`), so crop and drop may use the same map. Crop: threshold
+  theta_c ~ U(0.4, 0.6) x max, bounding box of the mask padded by 10% of the image, bilinearly resized to
+  the input size. Drop: theta_d ~ U(0.2, 0.5) x max, image x (map < theta_d). Where the map and the box
+  fall on the pixel grid (`geometry`) is each code's own: `tf` follows the official TensorFlow code
+  exactly (TF 1.x resize_bilinear of the maps, theta x the upsampled map's max, a box of fractions
+  [min / H - p, max / H + p] sampled by crop_and_resize with zeros outside the image), `port` the PyTorch
+  port exactly (align_corners=True for the maps and the crop, theta x the small map's max, the box
+  [floor(min - pH), floor(max + pH))); `harness`, the default, is this harness's earlier mix of the two
+  (half-pixel corners, the upsampled max, the box [min - floor(pH), max + 1 + floor(pH))), kept so that
+  finished trials keep their numbers; methods/wsdan_geometry.py tabulates the three;
 - one backward per batch: CE(raw)/3 + CE(crop)/3 + CE(drop)/3 + center loss;
 - test: mean of the M maps, crop at 0.1 x max with 5% padding; prediction = mean of the raw and
   crop outputs. Heads: raw, refined (primary).
@@ -25,7 +34,7 @@ Interpretations, each a parameter with this default:
 - with crop or drop off, the CE terms that remain are averaged (CE(raw)/2 + CE(drop)/2, or CE(raw));
 - centre updates of repeated labels in a batch accumulate (TF's scatter_sub); PyTorch's
   `centers[y] += ...` keeps one of them;
-- `map_choice`: "sqrt_weighted" (both authors' codes) or "uniform" (an ablation; neither code does it);
+- `map_choice`: "sqrt_weighted" (the port's) or "uniform" (the TF code's);
   `map_replacement`: false draws the two maps without replacement while M allows (two different maps).
 
 Input normalisation: the Inception-v3 weights the paper starts from (torchvision's
@@ -45,6 +54,10 @@ from torch import nn
 
 from harness.backbones import StagedBackbone
 from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
+from methods.wsdan_geometry import Geometry, attention_crop, attention_crop_boxes, attention_drop
+
+__all__ = ["WSDAN", "WSDANParams", "attention_crop", "attention_crop_boxes", "attention_drop",
+           "bilinear_attention_pooling", "choose_maps"]
 
 EPSILON = 1e-12
 
@@ -67,6 +80,9 @@ class WSDANParams(MethodParams):
     center_beta: float = Field(0.05, ge=0.0, le=1.0, description="centre update rate beta")
     center_weight: float = Field(1.0, ge=0.0, description="weight of the center loss")
     logit_scale: float = Field(100.0, gt=0.0, description="the classifier sees feature_matrix x this")
+    geometry: Geometry = Field("harness", description="crop and drop on the pixel grid: tf (the official code's, "
+                                                      "the paper profile), port (GuYuc/WS-DAN.PyTorch) or harness "
+                                                      "(this harness's to MATH_VERSION 6, a mix of both)")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "WSDANParams":
@@ -84,61 +100,6 @@ def bilinear_attention_pooling(features: torch.Tensor, attention_maps: torch.Ten
     matrix = matrix.reshape(b, -1)
     matrix = torch.sign(matrix) * torch.sqrt(matrix.abs() + EPSILON)
     return F.normalize(matrix, dim=1)
-
-
-def _upsampled(attention_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, 1, h, w) or (B, h, w) map -> (B, H, W) at the image size, bilinear."""
-    maps = attention_maps if attention_maps.dim() == 4 else attention_maps[:, None]
-    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def _thresholds(theta: float | tuple[float, float], n: int, generator: torch.Generator | None,
-                device: torch.device) -> torch.Tensor:
-    if isinstance(theta, (tuple, list)):
-        low, high = theta
-        return (torch.rand(n, generator=generator) * (high - low) + low).to(device)
-    return torch.full((n,), float(theta), device=device)
-
-
-@torch.no_grad()
-def attention_crop_boxes(attention_maps: torch.Tensor, size: tuple[int, int],
-                         theta: float | tuple[float, float] = (0.4, 0.6), padding: float = 0.1,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, 4) integer boxes (x0, y0, x1, y1), x1/y1 exclusive: the bounding box of map >= theta x max,
-    upsampled to `size`, padded by `padding` x the image side and clipped to the image."""
-    h, w = size
-    maps = _upsampled(attention_maps, size)  # (B, H, W)
-    limit = _thresholds(theta, len(maps), generator, maps.device) * maps.flatten(1).amax(1)
-    mask = maps >= limit[:, None, None]  # the arg-max pixel always passes, so the mask is never empty
-    rows, cols = mask.any(2), mask.any(1)
-    ar_h, ar_w = torch.arange(h, device=maps.device), torch.arange(w, device=maps.device)
-    y0 = torch.where(rows, ar_h, h).amin(1)
-    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
-    x0 = torch.where(cols, ar_w, w).amin(1)
-    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
-    pad_h, pad_w = int(padding * h), int(padding * w)
-    return torch.stack([(x0 - pad_w).clamp(min=0), (y0 - pad_h).clamp(min=0),
-                        (x1 + pad_w).clamp(max=w), (y1 + pad_h).clamp(max=h)], 1)
-
-
-@torch.no_grad()
-def attention_crop(images: torch.Tensor, attention_maps: torch.Tensor, theta: float | tuple[float, float] = (0.4, 0.6),
-                   padding: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Crop each image to its attention box (see attention_crop_boxes) and resize back, bilinearly."""
-    size = tuple(images.shape[-2:])
-    boxes = attention_crop_boxes(attention_maps, size, theta, padding, generator).tolist()
-    return torch.cat([F.interpolate(images[i:i + 1, :, y0:y1, x0:x1], size=size, mode="bilinear",
-                                    align_corners=False) for i, (x0, y0, x1, y1) in enumerate(boxes)])
-
-
-@torch.no_grad()
-def attention_drop(images: torch.Tensor, attention_maps: torch.Tensor, theta: float | tuple[float, float] = (0.2, 0.5),
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero the region where the upsampled map is >= theta x its max; keep everything else."""
-    maps = _upsampled(attention_maps, tuple(images.shape[-2:]))
-    limit = _thresholds(theta, len(maps), generator, maps.device) * maps.flatten(1).amax(1)
-    keep = (maps < limit[:, None, None]).to(images.dtype)
-    return images * keep[:, None]
 
 
 @torch.no_grad()
@@ -213,10 +174,11 @@ class WSDAN(Method):
                                  p.map_replacement)  # (B, 2): crop, drop
             picked = maps.detach().gather(1, chosen[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
             if p.crop:
-                crops = attention_crop(images, picked[:, 0:1], p.crop_theta, p.crop_padding, generator)
+                crops = attention_crop(images, picked[:, 0:1], p.crop_theta, p.crop_padding, generator,
+                                       p.geometry)
                 ce_terms["crop"] = F.cross_entropy(self(crops)[0], labels)
             if p.drop:
-                drops = attention_drop(images, picked[:, 1:2], p.drop_theta, generator)
+                drops = attention_drop(images, picked[:, 1:2], p.drop_theta, generator, p.geometry)
                 ce_terms["drop"] = F.cross_entropy(self(drops)[0], labels)
         center = self.center_loss(matrix, labels, steps)
         # CE(raw)/3 + CE(crop)/3 + CE(drop)/3 + center loss: one backward, one optimizer step.
@@ -239,7 +201,8 @@ class WSDAN(Method):
             out["attention (second)"] = top[:, 1]
         if self.params.refine:
             out["crop box"] = attention_crop_boxes(maps.mean(1, keepdim=True), tuple(images.shape[-2:]),
-                                                   self.params.test_theta, self.params.test_padding).float()
+                                                   self.params.test_theta, self.params.test_padding,
+                                                   geometry=self.params.geometry).float()
         return out
 
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -247,7 +210,7 @@ class WSDAN(Method):
         logits, _, maps = self(images)
         if not p.refine:
             return {"raw": logits}
-        crops = attention_crop(images, maps.mean(1, keepdim=True), p.test_theta, p.test_padding)
+        crops = attention_crop(images, maps.mean(1, keepdim=True), p.test_theta, p.test_padding, geometry=p.geometry)
         crop_logits = self(crops)[0]
         if p.refine_average == "probabilities":
             refined = (logits.softmax(1) + crop_logits.softmax(1)) / 2

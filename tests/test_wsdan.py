@@ -160,3 +160,91 @@ def test_invalid_parameters():
         WSDANParams(crop_theta=(0.7, 0.2))
     with pytest.raises(ValueError, match="backbone has 5 stages"):
         make(stage=7)
+
+
+# The three geometries (methods/wsdan_geometry.py) on one small map, every number worked out by hand.
+# Map m = [[0, 1], [2, 4]] (h = w = 2) at a 4 x 4 image; bilinearly, m(y, x) = x + 2y + xy between its
+# corners. Each geometry reads it at its own source positions s_i for the output pixels i = 0..3:
+#   tf (TF 1.x resize_bilinear): s_i = i * 2/4 = 0, .5, 1, 1.5 (-> 1, the last row);
+#   port (align_corners=True): s_i = i * 1/3 = 0, 1/3, 2/3, 1;
+#   harness (half-pixel): s_i = (i + .5) * 2/4 - .5 = -.25 (-> 0), .25, .75, 1.25 (-> 1).
+SMALL_MAP = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
+UPSAMPLED = {
+    "tf": [[0, .5, 1, 1], [1, 1.75, 2.5, 2.5], [2, 3, 4, 4], [2, 3, 4, 4]],
+    "port": [[0, 1 / 3, 2 / 3, 1], [2 / 3, 10 / 9, 14 / 9, 2], [4 / 3, 17 / 9, 22 / 9, 3], [2, 8 / 3, 10 / 3, 4]],
+    "harness": [[0, .25, .75, 1], [.5, .8125, 1.4375, 1.75], [1.5, 1.9375, 2.8125, 3.25], [2, 2.5, 3.5, 4]],
+}
+# theta = 0.45: every geometry's reference max is 4 here (the port's, the small map's, is reached at the
+# corner), so the limit is 1.8 and the drop keeps the pixels below it.
+KEPT = {
+    "tf": [[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+    "port": [[1, 1, 1, 1], [1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]],
+    "harness": [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]],
+}
+
+
+@pytest.mark.parametrize("geometry", ["tf", "port", "harness"])
+def test_each_geometry_upsamples_and_drops_as_worked_out(geometry):
+    from methods.wsdan_geometry import upsample_maps
+    assert torch.allclose(upsample_maps(SMALL_MAP, (4, 4), geometry)[0], torch.tensor(UPSAMPLED[geometry]),
+                          atol=1e-6)
+    kept = attention_drop(torch.ones(1, 1, 4, 4), SMALL_MAP, theta=0.45, geometry=geometry)
+    assert torch.equal(kept[0, 0], torch.tensor(KEPT[geometry], dtype=torch.float32))
+
+
+def test_harness_and_port_boxes_as_worked_out():
+    # Mask >= 1.8: harness rows 2-3, columns 0-3; port rows 1-3 (2 >= 1.8 at row 1, column 3), columns 0-3.
+    # harness: [min - floor(pH), max + 1 + floor(pH)): p = 0 -> y [2, 4), x [0, 4); p = .25 (pH = 1) -> y [1, 4).
+    assert attention_crop_boxes(SMALL_MAP, (4, 4), 0.45, 0.0, geometry="harness")[0].tolist() == [0, 2, 4, 4]
+    assert attention_crop_boxes(SMALL_MAP, (4, 4), 0.45, 0.25, geometry="harness")[0].tolist() == [0, 1, 4, 4]
+    # port: [floor(min - pH), floor(max + pH)), the last row and column left out: p = 0 -> y [1, 3), x [0, 3);
+    # p = .25 -> y [floor(0), floor(4)) = [0, 4), x [max(floor(-1), 0), 4) = [0, 4).
+    assert attention_crop_boxes(SMALL_MAP, (4, 4), 0.45, 0.0, geometry="port")[0].tolist() == [0, 1, 3, 3]
+    assert attention_crop_boxes(SMALL_MAP, (4, 4), 0.45, 0.25, geometry="port")[0].tolist() == [0, 0, 4, 4]
+    # The port's crop of y [1, 3), x [0, 3) of the image 4y + x, resized with align_corners=True: output (i, j)
+    # reads row 1 + i/3 and column 2j/3, 4 (1 + i/3) + 2j/3.
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    i, j = torch.arange(4.0)[:, None], torch.arange(4.0)[None, :]
+    crop = attention_crop(image, SMALL_MAP, 0.45, 0.0, geometry="port")
+    assert torch.allclose(crop[0, 0], 4 * (1 + i / 3) + 2 * j / 3, atol=1e-5)
+
+
+def test_tf_box_and_crop_as_worked_out():
+    from methods.wsdan_geometry import tf_crop_boxes
+    # Mask >= 1.8 on tf's map: rows 1-3 (row 1 from column 2), columns 0-3. Box with p = .25, in TF's order
+    # (y1, x1, y2, x2) = (1/4 - .25, 0/4 - .25, 3/4 + .25, 3/4 + .25), not clipped.
+    box = tf_crop_boxes(SMALL_MAP, (4, 4), 0.45, 0.25)
+    assert torch.equal(box, torch.tensor([[0.0, -0.25, 1.0, 1.0]]))
+    # crop_and_resize to 4 x 4: rows sample 0 * 3 + j * (1 - 0) * 3 / 3 = 0, 1, 2, 3; columns -.25 * 3 + j * 1.25 * 3 / 3
+    # = -.75 (outside: 0), .5, 1.75, 3; the image 4y + x is linear, so a sample reads 4 row + column.
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    rows = torch.arange(4.0)[:, None]
+    expected = torch.cat([torch.zeros(4, 1), 4 * rows + torch.tensor([[.5, 1.75, 3.0]])], 1)
+    assert torch.allclose(attention_crop(image, SMALL_MAP, 0.45, 0.25, geometry="tf")[0, 0], expected, atol=1e-6)
+    # As pixel edges (explanations): sample centres x1 (W - 1) .. x2 (W - 1), + 0.5.
+    edges = attention_crop_boxes(SMALL_MAP, (4, 4), 0.45, 0.25, geometry="tf")[0].tolist()
+    assert edges == pytest.approx([-0.25, 0.5, 3.5, 3.5])
+
+
+def test_the_port_thresholds_against_the_small_maps_max():
+    # A 3 x 3 map with its peak 1 in the centre, at 4 x 4 with align_corners: samples at 0, 2/3, 4/3, 2 never hit
+    # the centre, and the upsampled peak is (2/3)^2 = 4/9. The port's drop at theta .5 (limit .5 x 1) keeps every
+    # pixel; tf's and harness's reference is the upsampled peak, so they drop around it.
+    peak = torch.zeros(1, 1, 3, 3)
+    peak[0, 0, 1, 1] = 1.0
+    ones = torch.ones(1, 1, 4, 4)
+    assert attention_drop(ones, peak, 0.5, geometry="port").min() == 1
+    assert attention_drop(ones, peak, 0.5, geometry="tf").min() == 0
+    # Its crop at theta .5 has an empty mask (the port would fail): the mask becomes the upsampled peak's pixels,
+    # rows and columns 1-2, and the port's box [min, max) of them, [1, 2).
+    assert attention_crop_boxes(peak, (4, 4), 0.5, 0.0, geometry="port")[0].tolist() == [1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("geometry", ["tf", "port"])
+def test_a_step_and_predict_in_each_authors_geometry(geometry):
+    model = make(geometry=geometry).train()
+    steps = OptimizerSteps(build_optimizer(model, TrainConfig(lr=0.01)))
+    losses = model.training_step(torch.rand(4, 3, 64, 64), torch.arange(4) % C, steps, torch.Generator())
+    assert steps.count == 1 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    with torch.no_grad():
+        assert model.eval().predict(torch.rand(2, 3, 64, 64))["refined"].shape == (2, C)
