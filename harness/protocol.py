@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.escape import markdown_cell
+from harness.escape import markdown_cell, markdown_text
 
 KNOBS = ("backbone", "input", "augmentation", "normalisation", "optimizer", "lr", "schedule", "epochs", "batch",
          "precision", "reported")
@@ -88,7 +88,8 @@ def protocol_markdown(study: dict) -> str:
     if not paper:
         return ""
     rows = compare(paper, describe(study))
-    lines = [f"Paper: {paper.get('source', 'the paper')}. Profile run: {study.get('profile', 'default')}. "
+    source = markdown_text(paper.get("source", "the paper"))  # one line, no raw HTML
+    lines = [f"Paper: {source}. Profile run: {markdown_text(study.get('profile', 'default'))}. "
              f"{sum(r['differs'] == 'yes' for r in rows)} of {len(rows)} knobs differ (marked **≠**).", "",
              "| knob | paper | ours | | note |", "| --- | --- | --- | --- | --- |"]
     cell = markdown_cell  # a `|` in a value would start a new column

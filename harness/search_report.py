@@ -6,14 +6,17 @@ runs/<study>/<profile>/search/<unit>.json; written as search.md, search/<unit>.p
 from __future__ import annotations
 
 import base64
-import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from harness.escape import markdown_frame
-from harness.paths import inside
+from harness.bounded import BoundedReadError, read_json
+from harness.escape import markdown_frame, markdown_text, printable
+from harness.paths import identity_problem, inside
 from harness.results import atomic_write_bytes
+
+MAX_SUMMARY_BYTES = 16 << 20
 
 
 def search_note(study: dict) -> str:
@@ -34,14 +37,22 @@ def search_note(study: dict) -> str:
 
 
 def _summaries(run_dir: Path) -> dict[str, dict]:
+    """search/<unit>.json by unit id: stored data, so each is bounded, a mapping, and named by its own identity
+    (a file that is not is left out, with a warning)."""
     out = {}
     for path in sorted((run_dir / "search").glob("*.json")):
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path, MAX_SUMMARY_BYTES, "search summary")
+            if not isinstance(data, dict) or data.get("unit_id") != path.stem or identity_problem(path.stem):
+                raise BoundedReadError("not a search summary of its unit")
             out[data["unit_id"]] = data
-        except (OSError, ValueError, KeyError):
-            continue
+        except (OSError, ValueError) as e:
+            print(printable(f"warning: {path}: left out of the report ({e})"), file=sys.stderr)
     return out
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _number(value) -> str:
@@ -66,12 +77,16 @@ def build(run_dir: Path, out: Path, study: dict, rows: pd.DataFrame, curves: pd.
     metric = (study.get("search") or {}).get("metric", "val/acc")
     entries, md = [], [f"# Search of {study['name']} ({study['profile']} profile)\n", search_note(study) + "\n"]
     for unit_id, group in rows.groupby("search_unit", sort=False):
+        if identity_problem(unit_id):  # results.parquet is stored data: a unit id is checked before it names a file
+            print(printable(f"warning: search rows of unit {unit_id!r} left out: {identity_problem(unit_id)}"),
+                  file=sys.stderr)
+            continue
         summary = summaries.get(unit_id, {})
-        knobs = list(summary.get("knobs") or [c for c in group.columns if c.split(".")[0] in ("train", "method",
-                                                                                                 "backbone")])
-        label = summary.get("label") or ", ".join(str(group.iloc[0].get(a)) for a in ("method", "dataset")
-                                                  if a in group)
-        best = summary.get("best")
+        knobs = [str(k) for k in _dict(summary.get("knobs"))] or [
+            c for c in group.columns if c.split(".")[0] in ("train", "method", "backbone")]
+        label = str(summary.get("label") or ", ".join(str(group.iloc[0].get(a)) for a in ("method", "dataset")
+                                                      if a in group))
+        best = summary.get("best") if isinstance(summary.get("best"), dict) else None
         table = pd.DataFrame({
             "#": group["search_index"].astype("Int64") if "search_index" in group else None,
             **{k: group[k].map(_fmt) if k in group else "-" for k in knobs},
@@ -83,26 +98,29 @@ def build(run_dir: Path, out: Path, study: dict, rows: pd.DataFrame, curves: pd.
         }).sort_values("#")
         chosen_id = best.get("trial_id") if best else None
         table["chosen"] = ["*" if t == chosen_id else "" for t in group.loc[table.index, "trial_id"]]
-        points = summary.get("points") or []
+        points = [p for p in summary.get("points") or [] if isinstance(p, dict)]
         repeats = sum(p.get("state") == "alias" for p in points)
         counts = group["status"].value_counts().to_dict()
-        budget = summary.get("budget") or {}
+        budget = _dict(summary.get("budget"))
         spent = [f"{budget['trials']} trials" if budget.get("trials") else "",
-                 f"{budget['device_hours']:g} device-hours" if budget.get("device_hours") else ""]
+                 f"{_fmt(budget['device_hours'])} device-hours" if budget.get("device_hours") else ""]
         line = (f"budget {' or '.join(s for s in spent if s) or '?'}: {len(group)} trained ("
                 + ", ".join(f"{n} {s}" for s, n in counts.items())
                 + (f"; {repeats} suggestions repeated an earlier configuration" if repeats else "")
                 + f"), {group.get('cpu_time_s', pd.Series(dtype=float)).sum() / 3600:.3f} CPU-hours")
         if not summary:
             line += "; the search has not ended (rerun the study to resume it)"
-        if best:
-            chosen = (", ".join(f"{k} = {_fmt(v)}" for k, v in best.get("values", {}).items())
-                      + f" (#{best['index']}, {metric} {100 * best['value']:.1f}% after {best['epochs']} epochs)")
-        else:
-            chosen = "none: every search trial failed" if summary else "not chosen yet"
-        plot = _plot(curves, group, metric, best, out / "search" / f"{unit_id}.png", label)
+        try:
+            chosen = (", ".join(f"{k} = {_fmt(v)}" for k, v in _dict(best.get("values")).items())
+                      + f" (#{_number(best['index'])}, {metric} {100 * float(best['value']):.1f}% after "
+                        f"{_number(best['epochs'])} epochs)") if best else (
+                "none: every search trial failed" if summary else "not chosen yet")
+        except (KeyError, TypeError, ValueError):
+            chosen = "unreadable (its search summary is malformed)"
+        plot = _plot(curves, group, metric, best, inside(out / "search", f"{unit_id}.png"), label)
         entries.append({"label": label, "summary": line, "chosen": chosen, "table": table, "plot": plot})
-        md.append(f"\n## {label}\n\n{line}.\n\nChosen: {chosen}.\n\n{markdown_frame(table).to_markdown(index=False)}\n")
+        md.append(f"\n## {markdown_text(label)}\n\n{markdown_text(line)}.\n\nChosen: {markdown_text(chosen)}.\n\n"
+                  f"{markdown_frame(table).to_markdown(index=False)}\n")
     atomic_write_bytes(out / "search.md", "".join(md).encode())
     return entries
 
@@ -116,6 +134,7 @@ def _plot(curves: pd.DataFrame, group: pd.DataFrame, metric: str, best: dict | N
         return None
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # labels are text, not mathtext
     import matplotlib.pyplot as plt
 
     from harness.report import _save

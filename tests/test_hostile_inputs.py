@@ -275,8 +275,8 @@ def test_a_corrupt_maps_file_costs_its_maps_not_the_report(tmp_path, capsys):
 
     bad = tmp_path / "maps.npz"
     bad.write_bytes(b"PK\x03\x04 not a zip at all")
-    assert maps_of_trial(bad, "x") is None
-    assert "unreadable maps" in capsys.readouterr().err
+    assert maps_of_trial(bad, "x")["error"].startswith("maps unreadable: BadZipFile")
+    assert "maps unreadable" in capsys.readouterr().err
     run = tmp_path / "run"
     run.mkdir()
     (run / "study.yaml").write_text("name: s\nprofile: default\n")
