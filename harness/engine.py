@@ -41,7 +41,7 @@ from harness.data.imageset import NORMALIZATIONS, BatchPipeline, ImageSet, carve
 from harness.distributed import Collective, sync_batchnorm
 from harness.explain import localisation_scores, method_maps, pack_maps
 from harness.plugin import METHODS, Method, OptimizerSteps
-from harness.reference import reference_throughput
+from harness.reference import ReferenceProbe
 from harness.stats import pack_correct, split_hash
 from harness.study import TrainConfig
 from harness.trials import TrialConfig
@@ -200,11 +200,13 @@ def set_threads(threads: int) -> None:
 
 
 def run_environment() -> dict:
-    """What a row records of the machine it trained on: the CPU (model, torch's kernel capability, bf16 units)
-    and the threads torch used."""
+    """What a row records of the machine it trained on: the CPU (model, torch's kernel capability, bf16 units),
+    the threads torch used and the process's priority (niceness: Ray's default of 15 loses the CPU to any other
+    process; a local run starts its workers at the driver's)."""
     info = precisions.cpu_info()
     return {"cpu_model": info["cpu_model"], "cpu_capability": info["cpu_capability"], "cpu_bf16": info["cpu_bf16"],
-            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "niceness": os.nice(0)}
 
 
 def device_name(device: torch.device) -> str:
@@ -266,7 +268,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         raise ValueError(f"the training split has {len(imageset.train)} images, fewer than one batch of "
                          f"train.batch_size={train.batch_size}: nothing would be trained; lower train.batch_size")
 
-    start_epoch, history, train_time, images_seen = 0, [], 0.0, 0
+    start_epoch, history, train_time, images_seen, train_cpu = 0, [], 0.0, 0, 0.0
     # A search trial says in every epoch's report which validation images scored it, and that the test split was
     # sealed: a trial its scheduler stops early has no final record (not kept in `history`: it is per trial).
     split_record = validation_record(held_out, len(imageset.train) + len(held_out)) if held_out is not None else {}
@@ -277,6 +279,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         train_time, images_seen, steps.count = state["train_time"], state["images_seen"], state["steps"]
+        train_cpu = state.get("train_cpu", 0.0)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         # With PyTorch 1.x zero_grad semantics a parameter that once had a gradient keeps a zero-filled
@@ -288,7 +291,9 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     if train.compile:
         method.compile()  # in place: state-dict keys and the checkpoint format stay as they are
 
-    reference = reference_throughput(device, precision) if train.reference_workload else None
+    per_epoch = len(train_pipe) if train.max_train_batches is None else min(len(train_pipe), train.max_train_batches)
+    probe = ReferenceProbe(device, precision, per_epoch * (train.epochs - start_epoch)) \
+        if train.reference_workload and start_epoch < train.epochs else None
     n_params = sum(p.numel() for p in method.parameters())
     metrics: dict = history[-1] if history else {}
     for epoch in range(start_epoch, train.epochs):
@@ -300,6 +305,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         method_generator = epoch_generator(seed, epoch, METHOD_STREAM)
         sums: dict[str, float] = {}
         batches, t0 = 0, time.perf_counter()
+        probe_spent, mark, cpu_mark = (probe.spent if probe else 0.0), t0, time.process_time()
         for images, labels, *rest in train_pipe.batches(data_generator, train.max_train_batches):
             with autocast():
                 losses = method.training_step(images, labels, steps, method_generator,
@@ -307,12 +313,21 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             batches += 1
+            now, cpu_now = time.perf_counter(), time.process_time()
+            train_cpu += cpu_now - cpu_mark
+            if probe:  # a reference step every few batches, timed between them (harness.reference)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    now = time.perf_counter()
+                probe.batch_done(train.batch_size, now - mark)
+                now, cpu_now = time.perf_counter(), time.process_time()
+            mark, cpu_mark = now, cpu_now
         if world > 1:
             sums = _average(sums, collective, device)
             collective.average_buffers(method)  # BatchNorm statistics, centres: one model on every rank
         if device.type == "cuda":
             torch.cuda.synchronize()
-        epoch_time = time.perf_counter() - t0
+        epoch_time = time.perf_counter() - t0 - ((probe.spent - probe_spent) if probe else 0.0)
         epoch_images = batches * train.batch_size  # global: every worker trains on its slice of each batch
         train_time += epoch_time
         images_seen += epoch_images
@@ -332,6 +347,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         if collective.is_primary:
             checkpoint = {"model": method.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "history": history, "train_time": train_time, "images_seen": images_seen,
+                          "train_cpu": train_cpu,
                           "steps": steps.count,
                           "params_with_grad": [i for i, p in enumerate(method.parameters()) if p.grad is not None],
                           **({"scaler": scaler.state_dict()} if scaler else {})}
@@ -348,11 +364,12 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                                   shard, device, mean, std))
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
-    if reference:  # timed before and after training: a load that changed meanwhile weighs on both alike
-        reference = (reference + reference_throughput(device, precision)) / 2
-        final.update({"reference/images_per_s": reference,
-                      "train/images_per_s_rel": images_seen / max(train_time, 1e-9) / reference})
+    if probe:  # interleaved with the training: a load that comes and goes weighs on both alike
+        final.update(probe.result())
     final.update({"train/images_per_s": images_seen / max(train_time, 1e-9), "train/time_s": train_time,
+                  # CPU seconds per training image (this process's threads, the training batches only): what the
+                  # work costs, which another process's load moves little (a sleep, though, does not show in it)
+                  "train/cpu_s_per_image": train_cpu / max(images_seen, 1),
                   "wall_time_s": time.perf_counter() - wall_start, "optimizer_steps": steps.count,
                   # CPU seconds of this process (all its threads): the trial's cost, whatever else loads the machine
                   "cpu_time_s": time.process_time() - cpu_start,

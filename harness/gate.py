@@ -8,10 +8,14 @@ BASELINE may hold `{precision}` (baselines/ci_smoke.{precision}.json): it is fil
 trials ran in (bf16 on a CPU with bf16 units, fp32 elsewhere; harness.precision), so every run is compared with
 a baseline of its own precision; a baseline of another precision is an error, never compared.
 
-Exit 0 when no cell regressed; 1 when one did (each named, with the reason); 2 when the input cannot be
-judged (each reason printed): no run or baseline, a baseline of another precision, study, test set or
-configuration, a NaN accuracy or loss, a missing or zero throughput (unless --no-throughput), a cell of the
-baseline missing from the run, a new cell that failed, a missing column, or anything else unexpected.
+Exit 0 when no cell regressed; 1 when one did (each named, with the reason), and when every trial of the run
+failed (their errors shown); 2 when the input cannot be judged (each reason printed, naming the cell): no run or
+baseline, a baseline of another precision, study, test set or configuration, an accuracy outside [0, 1] or NaN, a
+NaN loss, the same trial id twice, the same seed twice in a cell, a finished trial that does not say its precision,
+a missing or zero throughput (unless --no-throughput), a cell of the baseline missing from the run, a new cell that
+failed or has no finite accuracy, a missing column, a baseline with NaN, infinite or impossible values (a spread no
+accuracies in [0, 1] can have), a non-finite or non-positive --k (or another setting out of range), or anything
+else unexpected.
 
 A cell is a grid point of the study (its trials over seeds). The baseline (JSON, committed under baselines/,
 written from a clean run of at least 3 seeds) holds the study's resolved config hash (per cell too), the
@@ -52,6 +56,7 @@ from harness.results import FINISHED, atomic_write_bytes
 from harness.stats import unpack_correct
 
 EXIT_OK, EXIT_REGRESSED, EXIT_INVALID = 0, 1, 2
+MAX_BASELINE_BYTES = 1 << 20  # a baseline of hundreds of cells is a few hundred kB
 REQUIRED = ("trial_id", "status", "seed", "config", "test/acc", "precision")
 
 
@@ -97,9 +102,17 @@ def measure(run_dir: Path) -> tuple[dict, dict[str, CellRun], str, str]:
         raise GateInputError(f"{results_file}: no column {', '.join(missing)} (written by another harness version?)")
     if results.empty:
         raise GateInputError(f"{results_file}: no trials")
+    twice = results["trial_id"][results["trial_id"].duplicated()].astype(str).unique().tolist()
+    if twice:
+        raise GateInputError(f"{results_file}: trial {', '.join(twice[:3])} has more than one row (a copied row would "
+                             "count as another seed); the harness writes one row per trial")
     grids = [study.get("grid") or {}] + list((study.get("grids") or {}).values())
     axes = [a for a in dict.fromkeys(a for g in grids for a in g) if a in results.columns]
     finished = results[results["status"] == FINISHED]
+    unsaid = finished["trial_id"][finished["precision"].isna() | (finished["precision"].astype(str).str.strip() == "")]
+    if len(unsaid):
+        raise GateInputError(f"{results_file}: finished trial {', '.join(unsaid.astype(str)[:3])} does not say its "
+                             "precision (written by another harness version?); rerun the study")
     precisions = sorted(set(finished["precision"].dropna().astype(str)))
     if len(precisions) > 1:
         raise GateInputError(f"the run's trials ran in several precisions ({', '.join(precisions)}): rerun it in a "
@@ -190,8 +203,10 @@ def load_baseline(path: Path) -> Baseline:
     if not path.exists():
         raise GateInputError(f"baseline {path} not found; write one from a known-good run of at least "
                              f"{MIN_BASELINE_SEEDS} seeds with python -m harness.gate RUN_DIR --write-baseline {path}")
+    if path.stat().st_size > MAX_BASELINE_BYTES or not path.is_file():
+        raise GateInputError(f"baseline {path} is not a regular file of at most {MAX_BASELINE_BYTES} bytes")
     try:
-        return Baseline.model_validate_json(path.read_text())
+        return Baseline.model_validate_json(path.read_bytes())
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
         raise GateInputError(f"baseline {path} is malformed: {problems}") from None
@@ -232,7 +247,7 @@ def junit(rows: list[dict], suite: str) -> str:
 
 def _gate(args, parser) -> int:
     rules = Rules(k=args.k, chance_margin=args.chance_margin, keep_share=args.keep_share, loss_tol=args.loss_tol,
-                  max_slowdown=args.max_slowdown, throughput=not args.no_throughput)
+                  max_slowdown=args.max_slowdown, throughput=not args.no_throughput)  # GateInputError: exit 2
     run_dir = Path(args.run_dir)
     if args.write_baseline:
         path, baseline = write_baseline(run_dir, args.write_baseline, rules, args.no_throughput)
@@ -242,6 +257,15 @@ def _gate(args, parser) -> int:
     if not args.baseline:
         parser.error("give a BASELINE to compare with, or --write-baseline BASELINE")
     study, cells, precision, cpu_here = measure(run_dir)
+    if not any(c.seeds for c in cells.values()):  # the clearest regression there is, whatever the baseline says
+        print(f"REGRESSED: every trial of the run failed ({sum(c.failed for c in cells.values())} trials)")
+        for c in cells.values():
+            print(f"  {c.name}: failed: " + ("; ".join(e[:300] for e in c.errors[:2]) or "no error recorded"))
+        if args.junit:
+            rows = [{"cell": c.name, "verdict": "REGRESSED", "errors": [], "problems": [f"failed: {'; '.join(c.errors)}"]}
+                    for c in cells.values()]
+            atomic_write_bytes(Path(args.junit), junit(rows, f"{study.get('name')}/{study.get('profile')}").encode())
+        return EXIT_REGRESSED
     path = resolve_baseline_path(args.baseline, precision)
     baseline = load_baseline(path)
     if (study["name"], study["profile"]) != (baseline.study, baseline.profile):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MIN_BASELINE_SEEDS = 3  # the spread of fewer seeds is mostly luck (with one it is 0)
 BASELINE_FORMAT = 2
@@ -20,7 +20,7 @@ class GateInputError(ValueError):
 
 
 class BaselineCell(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or Infinity would switch a check off
     accuracy: float = Field(..., ge=0.0, le=1.0, description="mean top-1 over the baseline's seeds")
     accuracy_std: float = Field(..., ge=0.0, description="its sample standard deviation over seeds")
     seeds: int = Field(..., ge=MIN_BASELINE_SEEDS)
@@ -34,9 +34,21 @@ class BaselineCell(BaseModel):
     train_loss_std: float = Field(..., ge=0.0, description="its sample standard deviation over seeds")
     images_per_s: float | None = Field(None, gt=0.0, description="raw images/s where it was written (information)")
 
+    @model_validator(mode="after")
+    def _possible(self):
+        """A spread the recorded values cannot have: the sample sd of n values in [0, 1] with mean m is at most
+        sqrt(m (1 - m) n / (n - 1)) (Bhatia-Davis), so at most 0.5 sqrt(n / (n - 1)) whatever the mean."""
+        bound = math.sqrt(self.accuracy * (1 - self.accuracy) * self.seeds / (self.seeds - 1))
+        if self.accuracy_std > bound + 1e-9:
+            raise ValueError(f"accuracy_std {self.accuracy_std:g} is impossible for {self.seeds} accuracies in [0, 1] "
+                             f"with mean {self.accuracy:g} (at most {bound:.3g})")
+        if (self.throughput_rel is None) != (self.throughput_log_std is None):
+            raise ValueError("throughput_rel and throughput_log_std go together")
+        return self
+
 
 class Baseline(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     format: int = Field(BASELINE_FORMAT, ge=BASELINE_FORMAT, le=BASELINE_FORMAT)
     study: str
     profile: str
@@ -49,6 +61,16 @@ class Baseline(BaseModel):
     cpu: str = Field("", description="the trials' CPU: 'model (torch capability)'; throughput ratios are judged "
                                      "strictly only on the same")
     cells: dict[str, BaselineCell] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _seeds(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} list a seed twice")
+        more = [n for n, c in self.cells.items() if c.seeds > len(self.seeds)]
+        if more:
+            raise ValueError(f"cell {more[0]} counts {self.cells[more[0]].seeds} seeds; the baseline lists "
+                             f"{len(self.seeds)}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,19 @@ class Rules:
     # reference network is not the same ratio (ops speed up unevenly across CPUs): only a fall below this share
     # of the baseline's is a regression there.
     other_cpu_slowdown: float = 0.5
+
+    def __post_init__(self):
+        """Settings that would switch a check off (NaN compares false) or fail an unchanged run (k <= 0)."""
+        checks = {"k": (self.k, 0.0, math.inf, False), "chance_margin": (self.chance_margin, 0.0, 1.0, True),
+                  "keep_share": (self.keep_share, 0.0, 1.0, True), "loss_tol": (self.loss_tol, 0.0, math.inf, True),
+                  "max_slowdown": (self.max_slowdown, 0.0, 1.0, True),
+                  "other_cpu_slowdown": (self.other_cpu_slowdown, 0.0, 1.0, True)}
+        for name, (value, low, high, closed) in checks.items():
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (low <= value if closed else low < value)
+            if not ok or not value < high:
+                low_text = f">= {low:g}" if closed else f"> {low:g}"
+                high_text = "" if math.isinf(high) else f" and < {high:g}"
+                raise GateInputError(f"--{name.replace('_', '-')} {value!r}: give a finite number {low_text}{high_text}")
 
 
 @dataclass
@@ -104,6 +139,13 @@ class CellRun:
         out = []
         if self.seeds and (not self.accuracies or any(not _finite(v) for v in self.accuracies)):
             out.append("test/acc is NaN or missing in a finished trial")
+        elif any(not 0.0 <= v <= 1.0 for v in self.accuracies):
+            bad = next(v for v in self.accuracies if not 0.0 <= v <= 1.0)
+            out.append(f"test/acc {bad:g} is not a top-1 accuracy in [0, 1] (a percentage? another harness?)")
+        twice = sorted({s for s in self.seed_list if self.seed_list.count(s) > 1})
+        if twice:
+            out.append(f"seed {', '.join(map(str, twice))} finished more than once: one cell runs each seed once (a "
+                       "duplicated or copied row would count as another seed)")
         if self.seeds and (not self.losses or any(not _finite(v) for v in self.losses)):
             out.append("train/loss is NaN or missing in a finished trial")
         if rules.throughput and self.seeds and (not self.throughputs or any(not (_finite(v) and v > 0)
@@ -121,8 +163,9 @@ class CellRun:
         out = []
         if self.failed:
             out.append(f"{self.failed} trial(s) failed")
-        if self.seeds < MIN_BASELINE_SEEDS:
-            out.append(f"{self.seeds} finished seed(s): a baseline needs at least {MIN_BASELINE_SEEDS} "
+        if len(set(self.seed_list)) < MIN_BASELINE_SEEDS:
+            out.append(f"{len(set(self.seed_list))} distinct finished seed(s): a baseline needs at least "
+                       f"{MIN_BASELINE_SEEDS} "
                        "(--set \"seeds=[0,1,2]\"), or its spread is luck")
         out += self.input_errors(Rules(**{**rules.__dict__, "throughput": not no_throughput}))
         if not out:
@@ -259,6 +302,11 @@ def judge(baseline: Baseline, cells: dict[str, CellRun], rules: Rules, pooled: P
         if new.failed:
             row["errors"].append(f"new (not in the baseline) and {new.failed} trial(s) failed"
                                  + (f" ({new.errors[0][:200]})" if new.errors else ""))
+        elif not new.seeds:
+            row["errors"].append("new (not in the baseline) and no finished trial")
+        else:
+            row["errors"] += [f"new (not in the baseline): {e}" for e in new.input_errors(rules)[:1]
+                              if e.startswith(("test/acc", "seed"))]
         rows.append(_verdict(row, new=True))
     return rows
 

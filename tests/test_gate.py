@@ -296,3 +296,93 @@ def test_throughput_on_another_cpu_is_judged_only_against_half_the_baseline(tmp_
     assert "judged only against 0.50x" in capsys.readouterr().err
     much = write_run(tmp_path / "much" / "ci_smoke" / "default", seeds=(0,), edit=_slower(2.5, "AMD EPYC", "AVX2"))
     assert main([str(much), template]) == 1
+
+
+def _copy_of_first(rows, **changes):
+    rows.append({**rows[0], **changes})
+
+
+@pytest.mark.parametrize("case,edit,message", [
+    ("accuracy in percent", lambda r: [x.update({"test/acc": 100 * x["test/acc"]}) for x in r], "not a top-1"),
+    ("accuracy 1.5", lambda r: r[0].update({"test/acc": 1.5}), "test/acc 1.5 is not a top-1 accuracy"),
+    ("negative accuracy", lambda r: r[0].update({"test/acc": -0.1}), "not a top-1 accuracy"),
+    ("duplicated row", lambda r: _copy_of_first(r), "has more than one row"),
+    ("duplicated seed 3 points lower", lambda r: _copy_of_first(r, trial_id="copy", **{
+        "test/acc": r[0]["test/acc"] - 0.03}), "seed 0 finished more than once"),
+    ("precision NaN", lambda r: [x.update({"precision": float("nan")}) for x in r], "does not say its precision"),
+    ("new cell with NaN accuracy", lambda r: r.append({**r[0], "trial_id": "x", "method": "racnn",
+                                                      "test/acc": float("nan"),
+                                                      "config": r[0]["config"].replace("baseline", "racnn")}),
+     "new (not in the baseline): test/acc is NaN"),
+])
+def test_impossible_runs_exit_2_naming_the_cell(baseline, tmp_path, capsys, case, edit, message):
+    path, template = baseline
+    run = run_with(tmp_path, edit=edit)
+    if case.startswith("new cell"):
+        study = yaml.safe_load((run / "study.yaml").read_text())
+        study["grid"]["method"].append({"name": "racnn"})
+        (run / "study.yaml").write_text(yaml.safe_dump(study))
+    for base in (template, str(path)):  # the {precision} template and the literal path alike
+        capsys.readouterr()
+        assert main([str(run), base]) == 2, case
+        captured = capsys.readouterr()
+        assert message in captured.err and "Traceback" not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train_loss", float("nan"), "train_loss"),
+    ("accuracy_std", float("inf"), "accuracy_std"),
+    ("accuracy_std", 0.6, "impossible"),  # no 3 accuracies in [0, 1] with mean 0.8 spread that much
+    ("train_loss_std", float("nan"), "train_loss_std"),
+    ("throughput_log_std", float("inf"), "throughput_log_std"),
+])
+def test_a_baseline_with_nan_infinite_or_impossible_values_exits_2(baseline, tmp_path, capsys, field, value, message):
+    path, _ = baseline
+    data = json.loads(path.read_text())
+    data["cells"]["method=baseline"][field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))  # json writes NaN and Infinity, as a careless editor might
+    drop = run_with(tmp_path, cells=(("baseline", 0.6, 0.5), ("wsdan", 0.7, 0.25)))  # a 20-point drop
+    capsys.readouterr()
+    assert main([str(drop), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "malformed" in err and message in err
+
+
+@pytest.mark.parametrize("args,message", [(["--k", "nan"], "--k nan"), (["--k", "-1"], "--k -1"),
+                                          (["--k", "0"], "--k 0"), (["--k", "inf"], "--k inf"),
+                                          (["--max-slowdown", "1.5"], "--max-slowdown"),
+                                          (["--loss-tol", "nan"], "--loss-tol")])
+def test_gate_settings_that_would_switch_a_check_off_exit_2(baseline, tmp_path, capsys, args, message):
+    _, template = baseline
+    drop = run_with(tmp_path, cells=(("baseline", 0.6, 0.5), ("wsdan", 0.7, 0.25)))
+    capsys.readouterr()
+    assert main([str(drop), template, *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_baseline_is_written_only_from_distinct_seeds(tmp_path, capsys):
+    def thrice_seed_0(rows):
+        for i, r in enumerate(rows):
+            r["seed"] = 0
+            r["config"] = r["config"].replace(f'"seed": {i % 3}', '"seed": 0')
+
+    run = write_run(tmp_path / "r" / "ci_smoke" / "default", edit=thrice_seed_0)
+    assert main([str(run), "--write-baseline", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "1 distinct finished seed(s)" in err and not (tmp_path / "b.json").exists()
+
+
+def test_a_run_whose_every_trial_failed_is_a_regression_with_its_errors(baseline, tmp_path, capsys):
+    _, template = baseline
+
+    def crash(rows):
+        for r in rows:
+            r.update({"status": "failed", "error": f"RuntimeError: {r['method']} crashed", "test/acc": None,
+                      "precision": None})
+
+    capsys.readouterr()
+    assert main([str(run_with(tmp_path, edit=crash)), template, "--junit", str(tmp_path / "j.xml")]) == 1
+    out = capsys.readouterr().out
+    assert "every trial of the run failed" in out and "RuntimeError: wsdan crashed" in out
+    assert 'failures="2"' in (tmp_path / "j.xml").read_text()

@@ -129,6 +129,22 @@ def test_a_stale_ray_current_cluster_does_not_stop_a_local_run(tiny_run):
     assert "Ray started locally" in out.stdout and "2 trials trained" in out.stdout, out.stdout[-2000:]
 
 
+def test_trials_run_at_the_drivers_priority(tiny_run):
+    """Ray would start its workers at niceness 15, where any ordinary process beside a study takes the CPU: a local
+    run's trials run at the driver's niceness (tiny_run's driver inherits this process's), and say and record it."""
+    import json
+
+    import pandas as pd
+
+    tmp, out = tiny_run
+    driver = os.nice(0)
+    rows = pd.read_parquet(next((tmp / "runs").glob("*/*/results.parquet")))
+    assert set(rows["niceness"]) == {driver}, rows["niceness"]
+    assert f"trials run at niceness {driver} (the driver's" in out.stdout
+    meta = json.loads(next((tmp / "runs").glob("*/*/run.json")).read_text())
+    assert meta["cluster"]["worker_niceness"] == [driver]
+
+
 RELATIVE_STUDY = """
 name: relative
 method: {name: baseline}
