@@ -33,6 +33,8 @@ import torch.distributed as dist
 from timm.layers import SyncBatchNormAct, convert_sync_batchnorm
 from torch import nn
 
+from harness.replica_batchnorm import replica_count
+
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size: few collectives, bounded extra memory
 
 
@@ -195,6 +197,10 @@ class GlooSyncBatchNormAct(SyncBatchNormAct, GlooSyncBatchNorm):
 def sync_batchnorm(module: nn.Module) -> nn.Module:
     """Every BatchNorm (and timm BatchNormAct) of `module` becomes synchronised over the workers,
     keeping its parameters and running statistics (timm's conversion, then the CPU-capable classes)."""
+    if replica_count(module) > 1:
+        raise ValueError("BatchNorm per replica (PMG's method.bn_replicas) emulates per-GPU statistics in one "
+                         "process, and train.sync_bn would make them global: with several workers set "
+                         "train.sync_bn: false, or bn_replicas: 1")
     module = convert_sync_batchnorm(module)
     for m in module.modules():
         if type(m) is SyncBatchNormAct:

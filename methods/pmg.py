@@ -24,6 +24,13 @@ Interpretations, each a parameter with the authors' behaviour as default:
   layers do not influence a shallower stage's output); the one difference is that BatchNorm
   running statistics of the stages after l, of their heads and of the concat head are not updated
   on that step's jigsaw input. Off in the paper profile.
+- `bn_replicas`: the authors train through `DataParallel(net, device_ids=[0, 1])` with batch 16, so
+  every BatchNorm (backbone and heads) normalises over the 8 images of its GPU, and the running
+  statistics are those of the first GPU's 8 (harness/replica_batchnorm.py). `bn_replicas: 2` computes
+  that on one device: each BatchNorm normalises the two halves of its batch apart and keeps the first
+  half's statistics; the gradients are the two replicas' summed, as DataParallel's. Default 1: BatchNorm
+  over the whole batch. On in the paper profile. (With two workers, `train.sync_bn: false` and
+  `bn_replicas: 1` normalise per worker too, but the workers' running statistics are averaged.)
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from torch import nn
 
 from harness.backbones import StagedBackbone
 from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
+from harness.replica_batchnorm import per_replica_batchnorm
 
 
 class PMGParams(MethodParams):
@@ -51,6 +59,8 @@ class PMGParams(MethodParams):
                                                                         "(the authors': 0.1)")
     early_exit: bool = Field(False, description="run the backbone only up to the trained stage in stage steps")
     idle_param_updates: bool = Field(True, description="PyTorch 1.x zero_grad semantics, as the authors ran")
+    bn_replicas: int = Field(1, ge=1, le=64, description="BatchNorm over this many slices of each batch, running "
+                                                         "statistics from the first (the authors' 2 GPUs: 2)")
 
     @model_validator(mode="after")
     def _check_n(self) -> "PMGParams":
@@ -136,6 +146,8 @@ class PMG(Method):
         self.classifiers = nn.ModuleList(classifier(sd, fs, num_classes) for _ in self.used)
         self.concat_classifier = classifier(S * sd, fs, num_classes)
         self.zero_grad_set_to_none = not params.idle_param_updates
+        if params.bn_replicas > 1:  # every BatchNorm, the backbone's and the heads', as DataParallel's replicas
+            per_replica_batchnorm(self, params.bn_replicas)
 
     @classmethod
     def validate_with(cls, params: PMGParams, num_stages: int) -> None:

@@ -10,7 +10,7 @@ from harness.backbones import BackboneConfig, build_backbone
 from harness.engine import build_optimizer
 from harness.plugin import METHODS, OptimizerSteps
 from harness.study import TrainConfig
-from methods.pmg import PMG, PMGParams
+from methods.pmg import PMG, PMGParams, jigsaw
 
 C = 5
 
@@ -136,3 +136,99 @@ def test_registered_and_validates_stage_count():
     assert METHODS.get("pmg") is PMG
     with pytest.raises(ValueError, match="backbone has 3 stages"):
         PMG(build_backbone(BackboneConfig(name="resnet18", out_indices=[2, 3, 4])), C, PMGParams(stages=4))
+
+
+def dataparallel(model, x, replicas=2):
+    """torch.nn.DataParallel(model, device_ids=range(replicas)) emulated on one CPU, as the authors train: the batch
+    scattered by torch.chunk, replica 0 the module itself (DataParallel keeps its parameters and buffers on
+    device 0, so its BatchNorm statistics are the ones that survive), the others copies taken before the forward
+    (dropped after it; their gradients are summed into the module's by `fold_gradients`). Outputs gathered."""
+    parts = x.chunk(replicas)
+    copies = [copy.deepcopy(model) for _ in parts[1:]]
+    for replica in copies:
+        for q in replica.parameters():
+            q.grad = None
+    outputs = [model(parts[0])] + [replica(part) for replica, part in zip(copies, parts[1:])]
+    return [torch.cat(ys) for ys in zip(*outputs)], copies
+
+
+def fold_gradients(model, copies):
+    for replica in copies:
+        for p, q in zip(model.parameters(), replica.parameters()):
+            if q.grad is not None:
+                p.grad = q.grad.clone() if p.grad is None else p.grad + q.grad
+
+
+def test_per_replica_batchnorm_equals_two_replicas_of_the_module():
+    from harness.replica_batchnorm import per_replica_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.BatchNorm1d(4 * 4 * 4), torch.nn.Linear(64, 3)).double()
+    ghost = per_replica_batchnorm(copy.deepcopy(net), 2)
+    assert ghost.state_dict().keys() == net.state_dict().keys()
+    for batch in (8, 5):  # 5: DataParallel's chunks of 3 and 2
+        x = torch.randn(batch, 3, 6, 6, dtype=torch.float64)
+        net.zero_grad(), ghost.zero_grad()
+        first, second = x.chunk(2)
+        replica = copy.deepcopy(net)  # replica 1; replica 0 is `net` itself
+        expected = torch.cat([net(first), replica(second)])
+        expected.square().sum().backward()
+        ours = ghost(x)
+        ours.square().sum().backward()
+        assert torch.allclose(ours, expected, atol=1e-12)
+        for p, q, r in zip(ghost.parameters(), net.parameters(), replica.parameters()):
+            assert torch.allclose(p.grad, q.grad + r.grad, atol=1e-12)  # the replicas' gradients summed
+    for name, a in net.state_dict().items():  # running statistics of the first replica (two updates)
+        assert torch.allclose(a.double(), ghost.state_dict()[name].double(), atol=1e-12), name
+    ghost.eval(), net.eval()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    assert torch.equal(ghost(x), net(x))  # eval: the running statistics, nothing per replica
+
+
+def test_bn_replicas_train_as_the_authors_dataparallel_on_two_gpus():
+    """Two PMG batches (S+1 steps each, SGD with momentum and weight decay, PyTorch 1.x zero_grad) with
+    bn_replicas: 2 against the authors' loop through DataParallel on two emulated GPUs: same losses, parameters,
+    momentum and BatchNorm statistics (float64, to 1e-6)."""
+    def narrow(**kw):  # a quarter-width ResNet-18: the same 5 stages and BatchNorms, a fraction of the time
+        torch.manual_seed(0)
+        backbone = build_backbone(BackboneConfig(name="resnet18", kwargs={"channels": [8, 16, 32, 64], "stem_width": 8}))
+        return PMG(backbone, C, PMGParams(stages=3, feature_size=16, stage_dim=32, **kw)).double().train()
+
+    ours, ref = narrow(bn_replicas=2), narrow()
+    train = TrainConfig(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    steps = OptimizerSteps(build_optimizer(ours, train), set_to_none=False)
+    ref_opt = build_optimizer(ref, train)
+    g_ours, g_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for batch in range(2):
+        x = torch.rand(8, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+        y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+        losses = ours.training_step(x, y, steps, g_ours)
+        expected = []
+        for k, n in enumerate([*ref.n_per_step, None]):  # the stage steps, then the concat step on the images
+            inputs = jigsaw(x, n, g_ref) if n else x
+            ref_opt.zero_grad(set_to_none=False)
+            logits, copies = dataparallel(ref, inputs)
+            loss = (1.0 if n else 2.0) * F.cross_entropy(logits[k if n else -1], y)
+            loss.backward()
+            fold_gradients(ref, copies)
+            ref_opt.step()
+            expected.append(float(loss.detach()))
+        assert [v for k, v in losses.items() if k != "loss"] == pytest.approx(expected, abs=1e-6)
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-6), name
+    momentum = [s["momentum_buffer"] for s in steps.optimizer.state.values()]
+    ref_momentum = [s["momentum_buffer"] for s in ref_opt.state.values()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(momentum, ref_momentum))
+    # The knob matters: over the whole batch, the losses differ.
+    whole = narrow()
+    other = whole.training_step(x, y, OptimizerSteps(build_optimizer(whole, train), set_to_none=False),
+                                torch.Generator().manual_seed(1))
+    assert other["loss/concat"] != pytest.approx(losses["loss/concat"], abs=1e-6)
+
+
+def test_bn_replicas_refuse_sync_bn():
+    from harness.distributed import sync_batchnorm
+
+    with pytest.raises(ValueError, match="train.sync_bn: false"):
+        sync_batchnorm(make(1, bn_replicas=2))

@@ -59,7 +59,8 @@ from ray import tune  # noqa: E402
 from harness.data._decode import DatasetError  # noqa: E402
 from harness.precision import describe_here  # noqa: E402
 from harness.orchestrate._callback import StoreCallback  # noqa: E402
-from harness.orchestrate._storage import CheckpointStore, Storage, StorageLease, check_storage_reachable  # noqa: E402
+from harness.orchestrate._storage import (CheckpointStore, Storage, StorageLease, check_storage_reachable,  # noqa: E402
+                                        experiment_name)
 from harness.orchestrate._trial import dataset_key, prepare_dataset, trainable  # noqa: E402
 from harness.progress import Progress  # noqa: E402
 from harness.results import ResultStore  # noqa: E402
@@ -242,7 +243,9 @@ def prepare_datasets(todo, log) -> dict[str, int]:
     try:
         outcomes = dict(zip(configs, ray.get([prepare_dataset.remote(c, os.getcwd()) for c in configs.values()])))
     except ray.exceptions.RayTaskError as e:  # decoding died (out of memory, a crash in a reader): nothing trained
-        raise DatasetError(f"decoding a dataset failed on its node: {e}") from None
+        cause = getattr(e, "cause", None)  # its error, not the task's 20-line traceback
+        said = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).strip().splitlines()[-1]
+        raise DatasetError(f"decoding a dataset failed on its node: {said}") from None
     errors = [o["error"] for o in outcomes.values() if "error" in o]
     if errors:
         raise DatasetError("\n".join(errors))
@@ -385,7 +388,7 @@ def _run_grid(resolved: ResolvedStudy, todo, summary: RunSummary, store: ResultS
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=concurrency,
                                     trial_name_creator=lambda t: t.config["trial"]["trial_id"],
                                     trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
-        run_config=tune.RunConfig(name=time.strftime("%Y%m%d-%H%M%S"), storage_path=where.uri(checkpoints.tune_root),
+        run_config=tune.RunConfig(name=experiment_name(), storage_path=where.uri(checkpoints.tune_root),
                                   failure_config=tune.FailureConfig(max_failures=max_retries),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                   callbacks=[callback], verbose=0),
