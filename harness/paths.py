@@ -43,6 +43,25 @@ def inside(root: str | os.PathLike, *parts: str | os.PathLike) -> Path:
     return path
 
 
+def own_path(root: str | os.PathLike, *parts: str | os.PathLike) -> Path:
+    """`inside(root, *parts)`, and through links too: what exists of the path below `root` resolves under `root`'s
+    own real location. For the folders the harness makes inside a run or report folder (trials/<id>/, a table's
+    plot folder, search/), where a symbolic link is never its own: one planted there would send a write (or a read
+    into the page) elsewhere. `root` itself may be a link (a run folder on a larger disk)."""
+    path = inside(root, *parts)
+    base, top = os.path.realpath(root), os.path.abspath(root)
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and probe != top:
+        probe = os.path.dirname(probe)
+    if probe == top:  # nothing below the root exists yet (or only the root): nothing can lead elsewhere
+        return path
+    real = os.path.realpath(probe)
+    if os.path.commonpath([base, real]) != base:
+        raise UnsafePath(f"refusing to use {path}: {probe} leads to {real}, outside {root} (a symbolic link the "
+                         "harness did not make: remove it)")
+    return path
+
+
 IDENTITY = re.compile(r"[0-9a-f]{12}")
 
 
@@ -124,3 +143,17 @@ def open_own(path: str | os.PathLike, what: str = "file") -> int:
         raise UnsafePath(f"refusing to open {path}: it is not a regular file; remove it")
     os.set_blocking(fd, True)
     return fd
+
+
+def write_problem(e: OSError, flag: str = "--runs-dir") -> str:
+    """An OSError of a write (a full disk, a read-only or unwritable folder) as a message with its path and the
+    fix, for `cannot run: ...` (exit 2) instead of a traceback."""
+    import errno
+
+    where = e.filename or "the run folder"
+    if e.errno == errno.ENOSPC or e.errno == getattr(errno, "EDQUOT", -1):
+        return f"{where}: no space left on the device; free space there, or give {flag} a folder on another disk"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "a read-only file system" if e.errno == errno.EROFS else "permission denied"
+        return f"{where}: {why}; give {flag} a folder you can write (or fix its permissions)"
+    return f"{where}: {e.strerror or e}"

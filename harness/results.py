@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ import pandas as pd
 
 import harness
 from harness._atomic import atomic_write, atomic_write_bytes  # noqa: F401 - re-exported
-from harness.paths import inside
+from harness.escape import printable
+from harness.paths import UnsafePath, identity_problem, inside, own_path  # noqa: F401
 from harness.trials import TrialSpec
 
 FINISHED, FAILED = "finished", "failed"
@@ -65,6 +67,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+MAX_RECORD_BYTES = 64 << 20  # a record with every test image's outcome packed is a few kB; curves alike
+
+
+def _read_stored(path: Path) -> Any:
+    """A stored JSON file of the run folder (None when absent or unusable, said on stderr unless absent)."""
+    from harness.bounded import BoundedReadError, read_json
+
+    try:
+        return read_json(path, MAX_RECORD_BYTES, "trial record")
+    except FileNotFoundError:
+        return None
+    except BoundedReadError as e:
+        print(printable(f"warning: {e}; it is not used"), file=sys.stderr)
+        return None
+
+
 def _plain(value: Any) -> Any:
     """JSON-safe scalars for parquet columns: lists and dicts become JSON strings."""
     return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
@@ -84,31 +102,38 @@ class ResultStore:
         self._stored: list[str] | None = None
 
     def trial_dir(self, trial_id: str) -> Path:
-        return inside(self.trials_dir, trial_id)  # an identity is a hash; a second guard all the same
+        """trials/<id>: an identity is a hash (checked), and the folder is the store's own (no link out of it)."""
+        problem = identity_problem(trial_id)
+        if problem:
+            raise UnsafePath(f"refusing to use a trial folder: {problem}")
+        return own_path(self.root, "trials", trial_id)
 
     def record(self, trial_id: str) -> dict | None:
+        """The trial's stored record; None when there is none, or when it is not one (not a regular file, over
+        MAX_RECORD_BYTES, not a JSON mapping): such a trial is trained again, its file replaced."""
         if trial_id not in self._records:
-            path = self.trial_dir(trial_id) / "result.json"
-            try:
-                self._records[trial_id] = json.loads(path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                self._records[trial_id] = None
+            found = _read_stored(self.trial_dir(trial_id) / "result.json")
+            self._records[trial_id] = found if isinstance(found, dict) else None
         return self._records[trial_id]
 
     def curves(self, trial_id: str) -> list[dict]:
+        """Its per-epoch metrics (a list of mappings; anything else reads as none, said on stderr)."""
         if trial_id not in self._curves:
             path = self.trial_dir(trial_id) / "curves.json"
-            try:
-                self._curves[trial_id] = json.loads(path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                self._curves[trial_id] = []
+            found = _read_stored(path)
+            if found is not None and not (isinstance(found, list) and all(isinstance(e, dict) for e in found)):
+                print(printable(f"warning: {path}: not a list of epochs; its curves are left out"), file=sys.stderr)
+                found = None
+            self._curves[trial_id] = found or []
         return self._curves[trial_id]
 
     def stored_ids(self) -> list[str]:
-        """Every trial with a record folder here (read once per process; this store adds the ones it writes)."""
+        """Every trial with a record folder here (read once per process; this store adds the ones it writes): only
+        folders named by an identity (anything else in trials/ is not the store's)."""
         if self._stored is None:
             try:
-                self._stored = sorted(d.name for d in os.scandir(self.trials_dir) if d.is_dir())
+                self._stored = sorted(d.name for d in os.scandir(self.trials_dir)
+                                      if identity_problem(d.name) is None and d.is_dir(follow_symlinks=False))
             except OSError:
                 self._stored = []
         return self._stored
@@ -204,7 +229,9 @@ class RunLock:
     """One driver per study and profile: an exclusive lock on `<run_dir>/.lock`, held while the run lasts.
 
     The kernel releases it when its process ends however it ends (SIGKILL included), so a crashed driver
-    never leaves it stuck. The file names its holder, so the refusal can say who that is."""
+    never leaves it stuck. The file names its holder (its command line without credentials), so the refusal can
+    say who that is. It is opened without following a symbolic link and must be a regular file: a `.lock`
+    planted as a link to a file elsewhere is refused (UnsafePath), never written through."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / ".lock"
@@ -216,13 +243,16 @@ class RunLock:
         import sys
         import time
 
+        from harness.escape import printable, redact_argv
+        from harness.paths import open_own
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        f = os.fdopen(open_own(self.path, "run lock"), "r+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            holder = f.read().strip() or "a process that has not written its name yet"
+            holder = printable(f.read(4096).strip()) or "a process that has not written its name yet"
             f.close()
             raise RunLocked(f"another run of this study and profile is in progress ({holder}); it holds "
                             f"{self.path}. Wait for it to finish (the next run skips what it finished) or stop it; "
@@ -230,7 +260,7 @@ class RunLock:
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                f"{' '.join(sys.argv)}")
+                f"{redact_argv(sys.argv)}")
         f.flush()
         self._file = f
         return self

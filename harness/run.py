@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.escape import printable, redact_uri
+from harness.escape import printable, redact_uri, scrub_data
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         report_dir.mkdir(parents=True, exist_ok=True)  # found unwritable now, not after the training
     except (UnsafePath, OSError) as e:
-        say(f"cannot run: {e}", file=sys.stderr)
+        say(f"cannot run: {_reason(e)}", file=sys.stderr)
         return EXIT_INVALID
 
     from harness import orchestrate
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     try:
         with RunLock(run_dir):
-            study_dump = resolved.study.model_dump(mode="json", exclude={"profiles"})
+            study_dump = scrub_data(resolved.study.model_dump(mode="json", exclude={"profiles"}))  # no ${VAR} values
             atomic_write_bytes(run_dir / "study.yaml", yaml.safe_dump(study_dump, sort_keys=False).encode())
             say(f"study {resolved.name}, profile {resolved.profile}: {count_text(resolved)} -> {run_dir}/")
             try:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 say("\ninterrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
                 return EXIT_INTERRUPTED
             except (ValueError, DatasetError, OSError) as e:  # a broken dataset or storage (OSError: ConnectionError
-                say(f"cannot run: {e}", file=sys.stderr)        # too), an unreachable cluster, resources it lacks
+                say(f"cannot run: {_reason(e)}", file=sys.stderr)  # too), an unreachable cluster, resources it lacks
                 return EXIT_INVALID
             finally:
                 orchestrate.shutdown()
@@ -163,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 out = build_reports(run_dir, report_dir)
             except (OSError, ValueError) as e:
-                say(f"the results are stored in {run_dir}, but the report could not be written: {e}\n"
-                    f"rebuild it with python -m harness.report {run_dir}", file=sys.stderr)
+                say(f"the results are stored in {run_dir}, but the report could not be written: "
+                    f"{_reason(e, '--reports-dir')}\nrebuild it with python -m harness.report {run_dir}",
+                    file=sys.stderr)
                 return EXIT_FAILED
-    except RunLocked as e:
+    except (RunLocked, UnsafePath) as e:  # another driver; a .lock planted as a link
         say(f"cannot run: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as e:  # a full disk, a read-only or unwritable run folder: the path and the fix
+        say(f"cannot run: {_reason(e)}", file=sys.stderr)
         return EXIT_INVALID
     say(f"{len(summary.finished)} trials trained, {summary.skipped} skipped (already finished), "
         f"{len(summary.failed)} failed, in {elapsed:.0f} s; driver peak memory {peak_rss_mb():.0f} MB")
@@ -177,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         say("interrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _reason(e: Exception, flag: str = "--runs-dir") -> str:
+    """What went wrong, said with its path and the fix when it is a write that failed (harness.paths)."""
+    from harness.paths import write_problem
+
+    if isinstance(e, OSError) and e.errno is not None and e.filename and not isinstance(e, FileNotFoundError):
+        return write_problem(e, flag)
+    return str(e)
 
 
 def peak_rss_mb() -> float:

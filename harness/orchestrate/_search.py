@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 
 import pyarrow.fs as pafs
 from ray import tune
@@ -28,6 +27,7 @@ from ray import tune
 from harness.orchestrate._callback import TUNE_KEYS, StoreCallback
 from harness.escape import printable
 from harness.orchestrate._searcher_state import MAX_BYTES as MAX_STATE_BYTES, StateError, checked_summary
+from harness.orchestrate._storage import experiment_name
 from harness.orchestrate._searchers import StudySearcher, UnitScheduler, UnitSearch, make_sub_searcher
 from harness.paths import inside, name_problem
 from harness.orchestrate._trial import trainable
@@ -276,7 +276,7 @@ def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: i
                                     max_concurrent_trials=concurrency,
                                     trial_name_creator=lambda t: t.config["trial"]["trial_id"],
                                     trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
-        run_config=tune.RunConfig(name=experiment_name(),
+        run_config=tune.RunConfig(name=experiment_name(EXPERIMENT_PREFIX),
                                   storage_path=env.where.uri(checkpoints.tune_root),
                                   failure_config=tune.FailureConfig(max_failures=max_retries),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -335,12 +335,6 @@ def _restore(searcher: StudySearcher, env, log, search) -> str:
 def _experiment_name(name: str) -> bool:
     """An experiment folder this harness names (search-<stamp>[-<random>]): nothing else under tune/ is read."""
     return name.startswith(EXPERIMENT_PREFIX) and name_problem(name) is None
-
-
-def experiment_name() -> str:
-    """A fresh experiment's name: its stamp (newest sorts last) and a random part, so no folder planted on the
-    storage beforehand can be the one Tune writes (and reads back) its own state in."""
-    return f"{EXPERIMENT_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 def _fresh(searcher: StudySearcher, search) -> None:

@@ -10,7 +10,11 @@ default `runs/<study>/<profile>/ray`):
     timeouts/<trial>                        why a trial was stopped for exceeding train.timeout_s
     .lease                                  the driver using this prefix (StorageLease): one at a time
 
-A URI is shown and stored only without its credentials (`str(storage)` is redacted: harness.escape.redact_uri).
+A URI is shown and stored only without its credentials (`str(storage)` is redacted: harness.escape.redact_uri;
+the lease records the command line without them too). Anyone who can write the storage may plant files there, so
+what is read back is bounded (a lease is at most MAX_READ bytes, read from a regular file), only folders with the
+harness's own names are listed (nothing with an escape sequence in its name reaches a log), and a local file the
+harness writes is never written through a symbolic link.
 """
 
 from __future__ import annotations
@@ -28,10 +32,18 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from harness.escape import redact_uri
+from harness.escape import redact_argv, redact_uri
+from harness.paths import name_problem, own_path, refuse_link
 from harness.results import RunLocked
 
 METADATA_FILE = ".metadata.json"  # written by ray.train.Checkpoint.set_metadata: {"epoch": n}
+MAX_READ = 64 << 10  # a lease, a timeout marker or checkpoint metadata is a few hundred bytes
+
+
+def experiment_name(prefix: str = "") -> str:
+    """A fresh Tune experiment's folder name: its stamp (so the newest sorts last) and a random part, so that no
+    folder planted on the storage beforehand is the one Tune writes its own state in and reads back."""
+    return f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
 class Storage:
@@ -57,20 +69,28 @@ class Storage:
         return redact_uri(self.uri(self.root))
 
     def dirs(self, path: str) -> list[str]:
+        """The folders in `path` whose names the harness could have made (harness.paths' safe-name rule)."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         except OSError:
             return []
-        return sorted(i.path for i in infos if i.type == pafs.FileType.Directory)
+        return sorted(i.path for i in infos if i.type == pafs.FileType.Directory and name_problem(i.base_name) is None)
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
-    def read_text(self, path: str) -> str | None:
+    def read_text(self, path: str, max_bytes: int = MAX_READ) -> str | None:
+        """A small file's text (None when it is absent, unreadable, larger than `max_bytes`, or, on a local
+        storage, not a regular file: a FIFO is never opened)."""
+        from harness.bounded import read_bytes
+
         try:
+            if self.local:
+                return read_bytes(path, max_bytes, "storage file").decode()
             with self.fs.open_input_stream(path) as f:
-                return f.read().decode()
-        except (OSError, FileNotFoundError, UnicodeDecodeError):
+                data = f.read(max_bytes + 1)
+            return data.decode() if len(data) <= max_bytes else None
+        except (OSError, ValueError):  # UnicodeDecodeError and BoundedReadError are ValueErrors
             return None
 
     def remove(self, path: str) -> None:
@@ -82,6 +102,9 @@ class Storage:
 
     def write_text(self, path: str, text: str) -> None:
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if self.local:  # under the storage's own folder, through links too, and never through a link
+            own_path(self.root, os.path.relpath(path.rsplit("/", 1)[0], self.root))
+            refuse_link(path, "storage file")
         with self.fs.open_output_stream(path) as f:
             f.write(text.encode())
 
@@ -111,7 +134,7 @@ class StorageLease:
         self.token = uuid.uuid4().hex
         self.holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
                        "started": time.time(), "run_dir": str(Path(run_dir).resolve()) if run_dir else "",
-                       "command": " ".join(sys.argv)}
+                       "command": redact_argv(sys.argv)}  # an s3:// URI may carry its keys
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
@@ -144,7 +167,9 @@ class StorageLease:
 
     def _refusal(self, held: dict) -> RunLocked:
         age = time.time() - held.get("refreshed", 0) if isinstance(held.get("refreshed"), (int, float)) else 0
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
+        started = held.get("started")  # a lease is stored data: any value may be in it
+        started = started if isinstance(started, (int, float)) and 0 <= started < 2**33 else 0
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
         return RunLocked(f"another driver uses the storage prefix {redact_uri(self.storage.uri(self.path))}: pid "
                          f"{held.get('pid')} on {held.get('host')} since {since} (run folder {held.get('run_dir')}), "
                          f"its lease refreshed {age:.0f} s ago. Two drivers on one prefix would delete each other's "
@@ -198,8 +223,7 @@ class StorageLease:
 def checkpoint_epoch(fs: pafs.FileSystem, checkpoint_dir: str) -> int:
     """The epoch a checkpoint directory holds (its Ray metadata), -1 when unknown."""
     try:
-        with fs.open_input_stream(f"{checkpoint_dir}/{METADATA_FILE}") as f:
-            return int(json.loads(f.read()).get("epoch", -1))
+        return int(json.loads(read_small(fs, f"{checkpoint_dir}/{METADATA_FILE}")).get("epoch", -1))
     except (OSError, ValueError, AttributeError):
         return -1
 
@@ -252,13 +276,27 @@ class CheckpointStore:
             self.storage.delete_file(f"{self.timeouts}/{trial_id}")
 
 
+def read_small(fs: pafs.FileSystem, path: str) -> bytes:
+    """A small file on the storage: at most MAX_READ bytes (ValueError beyond), and on a local file system a
+    regular file (a FIFO or a device planted there is never opened: harness.bounded)."""
+    if fs.type_name == "local":
+        from harness.bounded import read_bytes
+
+        return read_bytes(path, MAX_READ, "storage file")
+    with fs.open_input_stream(path) as f:
+        data = f.read(MAX_READ + 1)
+    if len(data) > MAX_READ:
+        raise ValueError(f"{path}: more than {MAX_READ:,} bytes")
+    return data
+
+
 def read_marker(uri: str) -> str | None:
-    """The text of a marker file at a URI or local path, None when there is none."""
+    """The text of a marker file at a URI or local path, None when there is none (or it is not a small regular
+    file)."""
     fs, path = pafs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-    except (OSError, FileNotFoundError):
+        return read_small(fs, path).decode()
+    except (OSError, ValueError):
         return None
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
+from harness.escape import printable
 from harness.orchestrate._storage import checkpoint_dirs, read_marker
 from harness.results import FAILED, FINISHED
 from harness.trials import TrialConfig, stored_size
@@ -54,9 +55,13 @@ def prepare_dataset(config: dict, cwd: str | None = None) -> dict:
     try:
         imageset = _imageset(TrialConfig.parse(config))
     except (DatasetError, ValueError) as e:
-        return {"error": str(e)}
+        return {"error": printable(e)}
+    except OSError as e:  # an unreadable tree, a dangling link, a full cache disk: said, not a Ray traceback
+        return {"error": printable(f"{config['dataset']['name']}: {e.filename or 'the dataset'}: "
+                                   f"{e.strerror or type(e).__name__}; check dataset.root (python -m harness.data "
+                                   f"check {config['dataset']['name']} ROOT) and the cache folder")}
     return {"num_classes": imageset.num_classes, "train": len(imageset.train),
-            "bytes": imageset.train.images.nbytes + imageset.test.images.nbytes}
+            "bytes": imageset.train.images.nbytes + imageset.test.images.nbytes, "niceness": os.nice(0)}
 
 
 def _where() -> dict:
@@ -90,7 +95,7 @@ def read_checkpoint(candidates: list, log=print) -> dict | None:
                 return load_checkpoint(Path(directory) / CHECKPOINT_FILE)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back, never fail the trial
             then = "trying the previous one" if i + 1 < len(candidates) else "starting from scratch"
-            log(f"checkpoint {checkpoint.path} is unreadable ({type(e).__name__}: {str(e)[:200]}); {then}")
+            log(printable(f"checkpoint {checkpoint.path} is unreadable ({type(e).__name__}: {str(e)[:200]}); {then}"))
     return None
 
 
