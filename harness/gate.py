@@ -87,13 +87,18 @@ def study_config_hash(cell_hashes: dict[str, str]) -> str:
 def measure(run_dir: Path) -> tuple[dict, dict[str, CellRun], str, str]:
     """The run's study (study.yaml), what each cell shows (CellRun), the precision its trials ran in and their CPU
     ('model (torch capability)', empty when the rows do not say or disagree)."""
-    import yaml
+    from harness import study_yaml
 
     results_file, study_file = run_dir / "results.parquet", run_dir / "study.yaml"
     if not results_file.exists() or not study_file.exists():
         raise GateInputError(f"{run_dir}: no results.parquet/study.yaml; run the study first "
                              "(python -m harness.run studies/<study>.yaml)")
-    study = yaml.safe_load(study_file.read_text())
+    try:  # the study loader's bounds (size, depth, aliases, duplicate keys): a run folder is stored data
+        study = study_yaml.load(study_yaml.read_text(study_file), str(study_file))[0]
+    except study_yaml.StudyFileError as e:
+        raise GateInputError(str(e)) from None
+    if not isinstance(study, dict):
+        raise GateInputError(f"{study_file}: not a study written by harness.run")
     results = pd.read_parquet(results_file)
     if "in_grid" in results:  # results.parquet also keeps finished trials of earlier grids: judge the current one
         results = results[results["in_grid"].fillna(False).astype(bool)]

@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, Field, model_validator
 
+from harness import study_yaml
 from harness.schema import ConfigModel
 
 SEARCH_SECTIONS = ("method", "train", "backbone")  # what a knob may tune (the dataset is what is compared on)
@@ -87,12 +88,14 @@ def parse_distribution(spec: Any) -> Distribution:
     name, _, inner = spec.strip()[:-1].partition("(")
     name = name.strip()
     if name == "choice":
-        try:
-            args = yaml.safe_load(f"[{inner}]")
+        try:  # the study loader's bounds: a search space nested 3,000 deep is an error, not a RecursionError
+            args = study_yaml.load(f"[{inner}]", "choice(...)")[0]
+        except study_yaml.StudyFileError as e:
+            raise ValueError(str(e)) from None
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or e
             raise ValueError(f"choice(...): cannot read its values ({problem})") from None
-        if len(args) != 1 or not isinstance(args[0], list):
+        if not isinstance(args, list) or len(args) != 1 or not isinstance(args[0], list):
             raise ValueError(f"write choice([a, b, ...]) with the values in brackets (got {spec!r})")
         return _choice(args[0])
     if name not in ("uniform", "loguniform", "randint"):

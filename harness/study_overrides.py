@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from harness import study_yaml
+from harness.escape import remember_expansion
 from harness.study_errors import StudyError
 
 
@@ -49,18 +50,30 @@ def _yield_to_pipeline(study: dict, train_override: Any) -> dict:
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Where a study may name an environment variable: a path (a dataset's root, a backbone's weights file), written as
+# the key itself (`root:`, `pretrained:`) or as a grid axis (`dataset.root: [...]`). Nowhere else: `${VAR}` in a
+# description, a protocol note or a label stays as written (it would print any secret of the environment into
+# --dry-run, study.yaml and the page).
+PATH_KEYS = ("root", "pretrained")
 
 
-def _interpolate(value: Any, where: str) -> Any:
+def _is_path_key(key: str | None) -> bool:
+    return key is not None and str(key).rsplit(".", 1)[-1] in PATH_KEYS
+
+
+def _interpolate(value: Any, where: str, key: str | None = None) -> Any:
+    """`${VAR}` replaced by the environment's value in the path fields (PATH_KEYS) only; each expansion is
+    remembered so that everything printed or stored shows `${VAR}`, never its value (harness.escape.scrub)."""
     if isinstance(value, dict):
-        return {k: _interpolate(v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        return {k: _interpolate(v, f"{where}.{k}" if where else k, k) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, str):
+        return [_interpolate(v, f"{where}[{i}]", key) for i, v in enumerate(value)]
+    if isinstance(value, str) and _is_path_key(key):
         def sub(m: re.Match) -> str:
             if m.group(1) not in os.environ:
                 raise StudyError(f"{where}: environment variable {m.group(1)} is not set; export it "
                                  f"(e.g. export {m.group(1)}=/data/...) or override with --set {where}=VALUE")
+            remember_expansion(m.group(1), os.environ[m.group(1)])
             return os.environ[m.group(1)]
         return _ENV.sub(sub, value)
     return value

@@ -6,6 +6,7 @@
   graph before anything is built from it (a 773-byte "billion laughs" expands to 10^9 nodes): above
   MAX_NODES it is refused.
 - Only plain YAML data is built (PyYAML's SafeLoader: no Python objects).
+- A key written twice in one mapping is an error naming both lines (YAML would silently keep the last).
 
 `load(text, source)` returns the data and the line of every key path (for file:line messages).
 """
@@ -91,6 +92,30 @@ def _expanded_size(root: yaml.Node) -> int:
     return size(root)
 
 
+def _duplicate_keys(root: yaml.Node) -> str | None:
+    """'line N: key 'x' is written twice in one mapping (first at line M)' for the first such key, else None."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    token = (key.tag, key.value)
+                    if token in first:
+                        return (f"{key.start_mark.line + 1}: key {key.value[:100]!r} is written twice in one mapping "
+                                f"(first at line {first[token]}); YAML would keep only the last: remove one")
+                    first[token] = key.start_mark.line + 1
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return None
+
+
 def _line_map(root: yaml.Node) -> dict[tuple, int]:
     """Key path (a tuple of keys and list indices) -> 1-based line. Keys that are not scalars have no path."""
     lines: dict[tuple, int] = {}
@@ -127,6 +152,9 @@ def load(text: str, source: str = "<string>") -> tuple[Any, dict[tuple, int]]:
         if expanded > MAX_NODES:
             raise StudyFileError(f"{source}: more than {MAX_NODES:,} values once its aliases (&name / *name) are "
                                  "expanded; write the study out, or use fewer aliases")
+        duplicate = _duplicate_keys(node)
+        if duplicate:
+            raise StudyFileError(f"{source}:{duplicate}")
         try:
             data = loader.construct_document(node)
         except RecursionError:  # a merge key (<<) chain the depth bound does not see

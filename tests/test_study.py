@@ -117,14 +117,19 @@ def test_profile_and_overrides(tiny_study):
 
 
 def test_environment_variables_in_profiles(tmp_path, monkeypatch):
-    text = BASE + "profiles:\n  real:\n    dataset: {name: synthfg, seed: '${SYNTH_SEED}'}\n"
+    text = BASE + "profiles:\n  real:\n    dataset: {name: imagefolder, root: '${FOLDER_ROOT}/x'}\n"
     path = write(tmp_path, text)
-    monkeypatch.delenv("SYNTH_SEED", raising=False)
+    monkeypatch.delenv("FOLDER_ROOT", raising=False)
     load_study(path)  # the default profile does not need the variable
-    with pytest.raises(StudyError, match="environment variable SYNTH_SEED is not set"):
+    with pytest.raises(StudyError, match="environment variable FOLDER_ROOT is not set"):
         load_study(path, profile="real")
+    monkeypatch.setenv("FOLDER_ROOT", "/data/folders")
+    assert load_study(path, profile="real").trials[0].config["dataset"]["root"] == "/data/folders/x"
+    # Only a path may name one (issue 26): elsewhere ${VAR} is text as written, never the environment's value.
     monkeypatch.setenv("SYNTH_SEED", "7")
-    assert load_study(path, profile="real").trials[0].config["dataset"]["seed"] == 7
+    with pytest.raises(StudyError, match=r"dataset\.seed"):
+        load_study(write(tmp_path, BASE.replace("{name: synthfg}", "{name: synthfg, seed: '${SYNTH_SEED}'}"),
+                         "seed.yaml"))
 
 
 def test_identity_is_stable_and_tracks_every_knob(tiny_study):
