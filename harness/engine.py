@@ -340,7 +340,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         if epoch + 1 == train.epochs and held_out is None:  # the last test also keeps each test image's outcome
             scores, last_correct = evaluate(method, test_pipe, autocast, collective=collective, per_image=True)
             metrics.update(scores)
-        elif (epoch + 1) % train.eval_every == 0 or held_out is not None:  # ASHA reads every search epoch
+        elif train.evaluates(epoch + 1) or held_out is not None:  # ASHA reads every search epoch
             metrics.update(evaluate(method, test_pipe, autocast, prefix=prefix, collective=collective))
         history.append(metrics)
         checkpoint = None

@@ -57,8 +57,15 @@ def describe(study: dict) -> dict[str, str]:
         "batch": str(train["batch_size"]),
         "precision": {"auto": "auto (bf16 autocast where native, else fp32)", "fp32": "fp32",
                       "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[train.get("precision", "auto")],
-        "reported": "best epoch" if "acc_best" in metric else "last epoch",
+        "reported": ("best epoch" + _tested(train.get("eval_epochs"))) if "acc_best" in metric else "last epoch",
     }
+
+
+def _tested(ranges: list | None) -> str:
+    """' of 1-5, 81-200' for train.eval_epochs [[1, 5], [81, 200]]; '' when every epoch may be the best."""
+    if not ranges:
+        return ""
+    return " of " + ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
 
 
 def _first_metric(study: dict) -> str:

@@ -79,6 +79,10 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_train_batches: int | None = Field(None, ge=1, description="cap on batches per epoch (smoke runs)")
     eval_every: int = Field(1, ge=1, le=10_000)
+    eval_epochs: list[tuple[int, int]] | None = Field(None, description=(
+        "test only after the epochs in these [first, last] ranges (1-based, inclusive, as rows count epochs), "
+        "e.g. the PMG authors' [[1, 5], [81, 200]], so the best epoch is chosen among them; the last epoch is "
+        "always tested. Default: every eval_every-th epoch"))
     eval_flips: bool = Field(False, description="at the end, also test on horizontally and vertically "
                                                 "flipped test images (test_hflip/acc, test_vflip/acc)")
     sync_bn: bool = Field(True, description="with several workers, BatchNorm uses the statistics of the global "
@@ -127,10 +131,23 @@ class TrainConfig(Strict):
         if self.random_scale and self.random_scale[0] > self.random_scale[1]:
             raise ValueError(f"random_scale {self.random_scale}: give [low, high] with 0 < low <= high, "
                              "e.g. [0.75, 1.25]")
+        for first, last in self.eval_epochs or []:
+            if not 1 <= first <= last:
+                raise ValueError(f"eval_epochs range [{first}, {last}]: give [first, last] with 1 <= first <= last "
+                                 "(epochs count from 1), e.g. [[1, 5], [81, 200]]")
+        if self.eval_epochs is not None and self.eval_every != 1:
+            raise ValueError(f"eval_epochs and eval_every={self.eval_every} both say when to test: give one")
         if self.resize and self.image_size > self.resize + 2 * self.crop_padding:
             raise ValueError(f"image_size {self.image_size} is larger than resize {self.resize} "
                              f"(+ 2 x crop_padding {self.crop_padding}): the crop is taken from the stored image")
         return self
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the test split is scored after training epoch `epoch` (1-based; the engine also scores the
+        last epoch, always)."""
+        if self.eval_epochs is not None:
+            return any(first <= epoch <= last for first, last in self.eval_epochs)
+        return epoch % self.eval_every == 0
 
 
 class Resources(Strict):

@@ -94,3 +94,20 @@ def test_trial_rows_carry_the_best_epoch(imageset):
     assert final["test/acc"] == accs[-1] and final["test/acc_best"] == max(accs)
     assert final["history"][int(final["best_epoch"]) - 1]["test/acc"] == final["test/acc_best"]
     assert {"test/acc_best/combined", "best_epoch/concat"} <= set(final)
+
+
+def test_eval_epochs_test_only_the_epochs_named_and_the_last():
+    authors = TrainConfig(epochs=200, eval_epochs=[[1, 5], [81, 200]])  # PMG's: their epochs 0-4 and 80-199
+    assert [e for e in range(1, 201) if authors.evaluates(e)] == [*range(1, 6), *range(81, 201)]
+    assert [e for e in range(1, 7) if TrainConfig(eval_every=2).evaluates(e)] == [2, 4, 6]  # the default rule
+    with pytest.raises(ValueError, match="1 <= first <= last"):
+        TrainConfig(eval_epochs=[[5, 1]])
+    with pytest.raises(ValueError, match="give one"):
+        TrainConfig(eval_epochs=[[1, 2]], eval_every=2)
+
+
+def test_the_best_epoch_is_chosen_among_the_tested_ones(imageset):
+    final = run_trial(config(epochs=3, eval_epochs=[[1, 1]]), imageset, threads=1)
+    tested = [h["epoch"] for h in final["history"] if "test/acc" in h]
+    assert tested == [1, 3]  # epoch 1 as asked, epoch 3 as the last
+    assert final["best_epoch"] in tested

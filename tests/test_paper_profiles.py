@@ -60,6 +60,22 @@ def test_the_papers_weights_and_pipelines():
         assert study.table.metric == "test/acc_best"
 
 
+def test_the_authors_batch_statistics_epochs_and_crop_geometry():
+    for profile in ("paper", "fast"):  # PMG: DataParallel's per-GPU BatchNorm, the epochs the authors test
+        env = {"CUB200_ROOT": "/data/x"}
+        os.environ.update(env)
+        try:
+            config = load_study(ROOT / "studies/pmg_ablation.yaml", profile=profile).trials[0].config
+        finally:
+            os.environ.pop("CUB200_ROOT")
+        assert config["method"]["bn_replicas"] == 2
+        assert config["train"]["eval_epochs"] == [[1, 5], [81, 200]]
+    assert paper(ROOT / "studies/wsdan_ablation.yaml").trials[0].config["method"]["geometry"] == "tf"
+    # The default profiles keep what their finished trials computed.
+    assert load_study(ROOT / "studies/pmg_ablation.yaml").trials[0].config["method"]["bn_replicas"] == 1
+    assert load_study(ROOT / "studies/wsdan_ablation.yaml").trials[0].config["method"]["geometry"] == "harness"
+
+
 def test_untagged_pretrained_weights_are_refused_at_load(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("name: s\nmethod: {name: baseline}\nbackbone: {name: resnet50, pretrained: true}\n")
