@@ -128,3 +128,17 @@ def npz_problem(path: str | os.PathLike, max_bytes: int) -> str | None:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as e:
         return f"{type(e).__name__}: {str(e)[:200]}"
     return None
+
+
+MAX_REFERENCE_BYTES = 1 << 20  # a paper's numbers are a few kB
+
+
+def read_reference_csv(path: str | os.PathLike):
+    """A table's reference CSV (table.reference.file) as a DataFrame: a regular file of at most
+    MAX_REFERENCE_BYTES (/dev/zero or a FIFO named there is refused, never read), parsed from those bytes."""
+    import io
+
+    import pandas as pd
+
+    data = read_bytes(path, MAX_REFERENCE_BYTES, "reference file")
+    return pd.read_csv(io.BytesIO(data), nrows=100_000)

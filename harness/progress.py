@@ -5,7 +5,7 @@ On a terminal the block of lines is redrawn in place (ANSI: cursor up, clear to 
 a log file) each update is printed as one plain line when a trial finishes an epoch, so a log reads as a
 history. Finished and failed trials are printed as permanent lines above the block. Labels and messages come
 from study files and trials: their control characters are dropped (harness.escape.printable), only the block's
-own cursor codes reach the terminal.
+own cursor codes reach the terminal, and a running trial's line is one line (its label's newlines are spaces).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from harness.escape import printable
+from harness.escape import one_line, printable
 
 
 def _duration(seconds: float) -> str:
@@ -61,7 +61,8 @@ class Progress:
             self.live = bool(getattr(self.out, "isatty", lambda: False)())
 
     def start(self, trial_id: str, label: str, epochs: int) -> None:
-        self.running[trial_id] = _Running(printable(label), time.monotonic(), epochs)  # a label is study text
+        # A label is study text: no control characters, and one line (a newline would break the block's redraw).
+        self.running[trial_id] = _Running(one_line(label), time.monotonic(), epochs)
         self._draw()
 
     def epoch(self, trial_id: str, metrics: dict) -> None:

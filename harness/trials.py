@@ -267,11 +267,13 @@ def _check_reference(table, at: str, study: Study) -> None:
     """A table's paper numbers are read when the report is written, after training: check them now."""
     import pandas as pd
 
+    from harness.bounded import read_reference_csv
+
     path = Path(table.reference.file)
     if not path.is_absolute():
         path = Path(study.path).parent / "references" / path
     try:
-        paper = pd.read_csv(path, nrows=100_000)
+        paper = read_reference_csv(path)  # a regular file, size-capped (harness.bounded)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise StudyError(f"{at}reference file {path}: cannot read it as CSV ({type(e).__name__}: {e})") from None
     missing = [c for c in ("setting", "value") if c not in paper.columns]

@@ -36,7 +36,7 @@ from harness.registry import Registry
 from harness.schema import ConfigModel
 
 # Bump when a change alters the pixels a dataset family produces, so stale caches are not reused.
-DATA_VERSION = 2  # 2: synthfg records each class's discriminative parts
+DATA_VERSION = 3  # 2: synthfg records each class's discriminative parts; 3: 16-bit greyscale images scaled, not clipped
 
 
 class DatasetParams(ConfigModel):
@@ -85,7 +85,10 @@ class DatasetFamily:
         for dirpath, dirnames, filenames in os.walk(Path(root).expanduser()):
             dirnames.sort()
             for name in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, name))
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except OSError:  # a dangling link: its decode names it (harness.data._decode)
+                    st = os.lstat(os.path.join(dirpath, name))
                 digest.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return digest.hexdigest()
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from harness.data import DATASETS, load_imageset
 from harness.data._decode import DatasetError
+from harness.escape import printable
 from harness.registry import RegistryError
 
 
@@ -32,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         params = family.Params(root=args.root, **options)
         t0 = time.perf_counter()
         imageset = load_imageset(params, 32, use_cache=False)  # decoding at a small size still reads every file
-    except (RegistryError, DatasetError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (RegistryError, DatasetError, ValueError, TypeError, OSError) as e:  # file names may hold escape codes
+        print(printable(f"error: {e}"), file=sys.stderr)
         return 2
-    print(f"{args.name} at {args.root}: {imageset.num_classes} classes, decoded in {time.perf_counter() - t0:.1f} s")
+    print(printable(f"{args.name} at {args.root}: {imageset.num_classes} classes, decoded in "
+                    f"{time.perf_counter() - t0:.1f} s"))
     for split in ("train", "test"):
         s = getattr(imageset, split)
         print(f"  {split:5s} {len(s):7d} images  {len(np.unique(s.labels)):5d} classes")
