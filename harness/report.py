@@ -21,7 +21,8 @@ import pandas as pd
 import yaml
 
 from harness.escape import csv_frame, latex, latex_frame, latex_label, markdown_frame, markdown_text, printable
-from harness.paths import inside, name_problem, table_names_problem
+from harness.paths import inside, name_problem, own_path, table_names_problem, write_problem
+from harness.report_checks import checked_curves, checked_results
 from harness.results import FAILED, FINISHED, atomic_write_bytes
 from harness.search_report import search_note
 from harness.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
@@ -149,6 +150,7 @@ def load_run(run_dir: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
             raise ReportError(f"{study_file}: {name_problem(name)}")
     if table_names_problem(list(study.get("tables") or {})):
         raise ReportError(f"{study_file}: {table_names_problem(list(study['tables']))}")
+    results, curves = checked_results(results, str(results_file)), checked_curves(curves)  # any one bad trial
     if "in_grid" in results:  # the tables show the current grid; results.parquet also keeps earlier finished trials
         study["_outside_grid"] = int((~results["in_grid"].fillna(False).astype(bool)).sum())
         results = results[results["in_grid"].fillna(False).astype(bool)].reset_index(drop=True)
@@ -221,7 +223,7 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
         table.attrs["note"] = "; ".join(n for n in (search_note(study), mixed_precision_note(subset)) if n)
         tables[name] = (table, metric)
         first_metric = metric if isinstance(metric, str) else metric[0]
-        plot_dir = inside(out, name) if name else out  # table names follow the safe-name rule; a second guard
+        plot_dir = own_path(out, name) if name else out  # table names follow the safe-name rule; a second guard
         plot_dir.mkdir(parents=True, exist_ok=True)
         columns = spec.get("columns")
         plot_axes = [spec["rows"]] + ([columns] if isinstance(columns, str) else list(columns or []))
@@ -315,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         out = build_reports(args.run_dir, args.out)
     except (OSError, ValueError) as e:  # missing or unreadable results, a reference file, an unwritable --out
-        print(printable(f"error: {e}"), file=sys.stderr)
+        full = isinstance(e, OSError) and e.errno is not None and e.filename and not isinstance(e, FileNotFoundError)
+        print(printable(f"error: {write_problem(e, '--out') if full else e}"), file=sys.stderr)
         return 2
     print(printable(f"reports written to {out}/ (open {out / 'index.html'})"))
     print(printable((out / "table.md").read_text()))
