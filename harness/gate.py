@@ -195,8 +195,10 @@ def write_baseline(run_dir: Path, template: str, rules: Rules, no_throughput: bo
         cpu = cpu_info()["cpu_model"]
     except Exception:  # noqa: BLE001 - information only
         pass
+    from harness.reference import MEASURE
+
     baseline = Baseline(
-        study=study["name"], profile=study["profile"], written=time.strftime("%Y-%m-%d %H:%M"), git_commit=git_commit(),
+        throughput_measure=MEASURE, study=study["name"], profile=study["profile"], written=time.strftime("%Y-%m-%d %H:%M"), git_commit=git_commit(),
         machine=f"{platform.machine()} {cpu}".strip(), cpu=cpu_here, precision=precision, seeds=seeds,
         config_hash=study_config_hash({n: c.config_hash for n, c in cells.items()}),
         cells={n: c.to_baseline_cell() for n, c in cells.items()})
@@ -280,7 +282,14 @@ def _gate(args, parser) -> int:
         raise GateInputError(f"the run trained in {precision}, the baseline {path} in {baseline.precision}: "
                              f"compare with a baseline of {precision} (e.g. baselines/<study>.{precision}.json, "
                              "python -m harness.gate RUN_DIR --write-baseline 'baselines/<study>.{precision}.json')")
-    if rules.throughput and baseline.cpu and cpu_here and cpu_here != baseline.cpu:
+    from harness.reference import MEASURE
+
+    if rules.throughput and baseline.throughput_measure != MEASURE:
+        rules = dataclasses.replace(rules, max_slowdown=max(rules.max_slowdown, rules.other_cpu_slowdown))
+        print(f"gate: the baseline {path} holds relative throughput measured as {baseline.throughput_measure!r}, the "
+              f"run as {MEASURE!r}: judged only against {1 - rules.max_slowdown:.2f}x (the two differ in scale); "
+              f"record the baseline again (make smoke-baseline) to judge it strictly", file=sys.stderr)
+    elif rules.throughput and baseline.cpu and cpu_here and cpu_here != baseline.cpu:
         rules = dataclasses.replace(rules, max_slowdown=max(rules.max_slowdown, rules.other_cpu_slowdown))
         print(f"gate: the run's trials ran on {cpu_here}, the baseline's on {baseline.cpu}: relative throughput is "
               f"judged only against {1 - rules.max_slowdown:.2f}x there (ops speed up unevenly across CPUs); "

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MIN_BASELINE_SEEDS = 3  # the spread of fewer seeds is mostly luck (with one it is 0)
-BASELINE_FORMAT = 2
+BASELINE_FORMAT = 3  # 3: throughput_measure recorded; 2 (before it) held the before-and-after measure
+OLD_MEASURE = "before-after"  # the relative throughput of format-2 baselines (harness.reference's docstring)
 
 
 class GateInputError(ValueError):
@@ -49,7 +50,9 @@ class BaselineCell(BaseModel):
 
 class Baseline(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    format: int = Field(BASELINE_FORMAT, ge=BASELINE_FORMAT, le=BASELINE_FORMAT)
+    format: int = Field(BASELINE_FORMAT, ge=2, le=BASELINE_FORMAT)
+    throughput_measure: str = Field(OLD_MEASURE, description="what its throughput_rel values are "
+                                                             "(harness.reference.MEASURE when written)")
     study: str
     profile: str
     precision: str = Field(..., min_length=1, description="what the trials trained in (the row's `precision`)")

@@ -10,8 +10,9 @@ step of that moment alike, and a load that comes and goes moves the median littl
 or a sleep) moves only the training side. The reference steps' time is not counted in the training's own time.
 
 Before (up to issue 25) the reference was timed only before and after the training: a load that started or stopped
-meanwhile moved the ratio by 0.84-1.39x on a shared runner. On an idle machine the two agree (the same network, batch
-and precision), so baselines recorded either way are comparable there.
+meanwhile moved the ratio by 0.84-1.39x on a shared runner. The two measures differ in scale (the median pair vs the
+epoch's mean): a baseline records which it holds (`throughput_measure`), and the gate judges a baseline of the older
+one only loosely.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 
 BATCH = 16
-WINDOWS = 12  # reference steps spread over a trial's training: as many as were timed before and after it
+WINDOWS = 12  # reference steps spread over a trial's training: about as many as were timed before and after it
+MEASURE = "interleaved-pairs-v1"  # what train/images_per_s_rel is (recorded in gate baselines)
 
 
 def _network() -> nn.Module:
@@ -74,8 +76,11 @@ class ReferenceProbe:
     """Interleaves reference steps with a trial's training batches (see the module docstring).
 
     The engine calls `batch_done(images, seconds)` after every training batch (`seconds`: that batch's wall time,
-    data included, reference steps excluded); every `every` batches the probe times one reference step, which closes
-    a window. `spent` is the wall time the probe took (the engine leaves it out of the training's time)."""
+    data included, reference steps excluded). Every `every` batches the probe times one reference step and pairs it
+    with the training batches on either side of it (the last before it, the first after it): the three run within
+    a fraction of a second of each other, so whatever else the machine is doing then weighs on all three, where a
+    window of many batches averages a load that the one reference step samples at an instant. `spent` is the wall
+    time the probe took (the engine leaves it out of the training's time)."""
 
     def __init__(self, device: torch.device | str, precision: str, batches: int, windows: int = WINDOWS,
                  warmup: int = 2):
@@ -86,34 +91,39 @@ class ReferenceProbe:
         self.every = max(1, math.ceil(max(1, batches) / windows))
         self.ratios: list[float] = []
         self.reference_rates: list[float] = []
-        self._images, self._seconds, self._batches = 0, 0.0, 0
+        self._batches = 0
+        self._pending: tuple[float, int, float] | None = None  # (reference rate, images, seconds) before the step
         self.spent = time.perf_counter() - t0
 
     def batch_done(self, images: int, seconds: float) -> None:
-        self._images += images
-        self._seconds += seconds
+        if self._pending is not None:  # the batch just after a reference step completes its pair
+            rate, before_images, before_seconds = self._pending
+            self._pending = None
+            self._record(rate, before_images + images, before_seconds + seconds)
         self._batches += 1
         if self._batches >= self.every:
-            self._close_window()
+            self._batches = 0
+            t0 = time.perf_counter()
+            rate = self.reference.batch / self.reference.step()
+            self.spent += time.perf_counter() - t0
+            self._pending = (rate, images, seconds)
 
-    def _close_window(self) -> None:
-        t0 = time.perf_counter()
-        rate = self.reference.batch / self.reference.step()
-        self.spent += time.perf_counter() - t0
-        if self._seconds > 0 and self._images:
-            self.ratios.append(self._images / self._seconds / rate)
+    def _record(self, rate: float, images: int, seconds: float) -> None:
+        if seconds > 0 and images:
+            self.ratios.append(images / seconds / rate)
             self.reference_rates.append(rate)
-        self._images, self._seconds, self._batches = 0, 0.0, 0
 
     def result(self) -> dict:
-        """`train/images_per_s_rel` (the median window ratio) and `reference/images_per_s` (the median reference
-        rate); a trial too short for a full window closes its partial one."""
-        if self._batches:
-            self._close_window()
+        """`train/images_per_s_rel` (the median pair ratio) and `reference/images_per_s` (the median reference rate);
+        the last reference step, with no batch after it, pairs with the batch before it alone; a trial too short to
+        reach a reference step times one at its end."""
+        if self._pending is not None:
+            self._record(*self._pending)
+            self._pending = None
         if not self.ratios:
             return {}
         return {"train/images_per_s_rel": _median(self.ratios), "reference/images_per_s": _median(self.reference_rates),
-                "reference/windows": len(self.ratios)}
+                "reference/windows": len(self.ratios), "reference/time_s": self.spent}
 
 
 def _median(values: list[float]) -> float:
