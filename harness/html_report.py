@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 import harness
 from harness.bounded import npz_problem
 from harness.escape import printable, redact_uri
-from harness.paths import identity_problem, inside
+from harness.paths import UnsafePath, identity_problem, own_path
 from harness.protocol import compare, describe
 from harness.results import FAILED, atomic_write_bytes
 from harness import search_report
@@ -55,6 +55,18 @@ def _with_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 
 MAX_MAPS_BYTES = 512 << 20  # a trial's maps.npz: 32 images of 448 px with a dozen maps is ~100 MB
+
+
+def _maps_path(run_dir: Path, trial_id: object) -> Path | str:
+    """trials/<id>/maps.npz of a row, or why it is not read: results.parquet is stored data, so the id is checked
+    before it is joined, and the folder must be the run's own (no link out of it)."""
+    problem = identity_problem(trial_id)
+    if problem:
+        return f"trial id {problem}"
+    try:
+        return own_path(run_dir, "trials", str(trial_id), "maps.npz")
+    except UnsafePath as e:
+        return str(e)
 
 
 def maps_of_trial(path: Path, label: str) -> dict | None:
@@ -174,9 +186,12 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
     cells = []
     for _, row in results.sort_values([a for a in axes if a in results] + ["seed"]).iterrows():
         label = ", ".join(f"{a.split('.')[-1]}={row[a]}" for a in axes if a in results) + f", seed {row['seed']}"
-        problem = identity_problem(row["trial_id"])  # results.parquet is stored data: an id is checked, then joined
-        cell = ({"label": label, "error": f"maps unreadable: trial id {problem}", "images": [], "rows": []} if problem
-                else maps_of_trial(inside(run_dir / "trials", row["trial_id"], "maps.npz"), label))
+        path = _maps_path(run_dir, row["trial_id"])
+        if isinstance(path, str):  # not read: said in its cell, and on stderr
+            print(printable(f"warning: {path}"), file=sys.stderr)
+            cell = {"label": label, "error": f"maps unreadable: {path}", "images": [], "rows": []}
+        else:
+            cell = maps_of_trial(path, label)
         if cell:
             cells.append(cell)
     protocol = None
