@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from harness.escape import csv_frame, latex, latex_frame, latex_label, markdown_frame, markdown_text, printable
+from harness.escape import (csv_frame, latex, latex_frame, latex_label, markdown_frame, markdown_text, one_line,
+                            printable)
 from harness.paths import inside, name_problem, own_path, table_names_problem, write_problem
 from harness.report_checks import checked_curves, checked_results
 from harness.results import FAILED, FINISHED, atomic_write_bytes
@@ -35,10 +36,10 @@ def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str 
     axes = [a for a in axes if a in df.columns]
     if not axes:
         return df, None
-    if len(axes) == 1:
-        return df.assign(**{axes[0]: df[axes[0]].astype(str)}), axes[0]
+    if len(axes) == 1:  # one line, no control characters: a label reaches a legend
+        return df.assign(**{axes[0]: df[axes[0]].astype(str).map(one_line)}), axes[0]
     name = ", ".join(a.split(".")[-1] for a in axes)
-    return df.assign(**{name: df[axes].astype(str).agg(", ".join, axis=1)}), name
+    return df.assign(**{name: df[axes].astype(str).agg(", ".join, axis=1).map(one_line)}), name
 
 
 def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFrame, out: Path, title: str,
@@ -92,6 +93,8 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
     cols = [columns] if isinstance(columns, str) else list(columns or [])
     written = []
     finished = results[results["status"] == FINISHED].copy()
+    for axis in [a for a in axes if a in finished and finished[a].dtype == object]:  # tick labels: one line each
+        finished[axis] = finished[axis].map(lambda v: one_line(v) if isinstance(v, str) else v)
     if metric in finished.columns and is_percent(metric):
         finished[metric] = finished[metric] * 100
     for axis in axes:
