@@ -93,7 +93,7 @@ def write_plots(results: pd.DataFrame, curves: pd.DataFrame, axes: list[str], ro
     cols = [columns] if isinstance(columns, str) else list(columns or [])
     written = []
     finished = results[results["status"] == FINISHED].copy()
-    for axis in [a for a in axes if a in finished and finished[a].dtype == object]:  # tick labels: one line each
+    for axis in [a for a in axes if a in finished and not pd.api.types.is_numeric_dtype(finished[a])]:  # one line
         finished[axis] = finished[axis].map(lambda v: one_line(v) if isinstance(v, str) else v)
     if metric in finished.columns and is_percent(metric):
         finished[metric] = finished[metric] * 100

@@ -39,7 +39,8 @@ def checked_results(results: pd.DataFrame, source: str) -> pd.DataFrame:
         return results
     out = results.copy()
     bad = pd.Series(False, index=out.index)
-    for column in [c for c in out.columns if isinstance(c, str) and _is_metric(c) and out[c].dtype == object]:
+    for column in [c for c in out.columns if isinstance(c, str) and _is_metric(c)
+                   and not pd.api.types.is_numeric_dtype(out[c]) and not pd.api.types.is_bool_dtype(out[c])]:
         numbers = pd.to_numeric(out[column].map(lambda v: v if not isinstance(v, bool) else float("nan")),
                                 errors="coerce")
         unreadable = out[column].notna() & numbers.isna()
