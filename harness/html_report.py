@@ -176,8 +176,28 @@ def _trials_table(results: pd.DataFrame, axes: list[str], hours: pd.Series, kind
     return table.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}", border=0)
 
 
+def _findings_rows(findings: pd.DataFrame | None) -> list[dict]:
+    """The paper's findings as the page shows them (harness.findings.evaluate's table; text autoescaped)."""
+    if findings is None or findings.empty:
+        return []
+
+    def signed(v) -> str:
+        return "-" if v is None or pd.isna(v) else f"{v:+.1f}"
+
+    out = []
+    for r in findings.to_dict("records"):
+        ci = "" if r["ci_low"] is None or pd.isna(r["ci_low"]) else f" ({r['ci_low']:+.1f} to {r['ci_high']:+.1f})"
+        p = "-" if r["p_adjusted"] is None or pd.isna(r["p_adjusted"]) else f"{r['p_adjusted']:.3g}"
+        out.append({"claim": r["claim"], "source": r["source"] or "-", "paper": signed(r["paper_effect"]),
+                    "run": signed(r["effect"]) + ci, "seeds": r["seeds"], "p": p, "verdict": r["verdict"],
+                    "direction": "" if r["direction"] is None or r["verdict"] in ("agrees", "contradicts") else
+                    (" (same direction)" if r["direction"] else " (opposite direction)")})
+    return out
+
+
 def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tables: dict, localisation: dict,
-               heads: pd.DataFrame, axes: list[str], search: list[dict] | None = None) -> Path:
+               heads: pd.DataFrame, axes: list[str], search: list[dict] | None = None,
+               findings: pd.DataFrame | None = None) -> Path:
     """Render index.html into `out` (the report folder, whose PNG plots it inlines)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -223,7 +243,7 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
         heads=html(heads) if not heads.empty else "", plots=plots, cells=cells,
         n_images=max((len(c["images"]) for c in cells), default=0), map_px=MAP_PX, protocol=protocol,
         trials=_trials_table(results, axes, hours, kind), failed=failed, version=harness.__version__,
-        search=search_report.html_entries(search or [], out),
+        search=search_report.html_entries(search or [], out), findings=_findings_rows(findings),
         run_dir=run_dir)
     path = out / "index.html"
     atomic_write_bytes(path, page.encode())

@@ -43,7 +43,7 @@ def combined_axis(df: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str 
 
 
 def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFrame, out: Path, title: str,
-                 protocol: str = "", outside_note: str = "") -> None:
+                 protocol: str = "", outside_note: str = "", findings: str = "") -> None:
     """table.md holds every table; each also as CSV and LaTeX (table.csv, or table_<name>.csv when named)."""
     md = f"# {title}\n\nTop-1 % for accuracies: {LEGEND}.\n" + (f"\n{outside_note}\n" if outside_note else "")
     for name, (table, metric) in tables.items():
@@ -61,12 +61,20 @@ def write_tables(tables: dict[str, tuple[pd.DataFrame, str]], heads: pd.DataFram
         tex = latex_frame(table).to_latex(escape=True, caption=caption,  # one line per cell: no blank line
                                           label=latex_label(f"tab:{title.split()[0]}:{stem}"))
         atomic_write_bytes(inside(out, f"{stem}.tex"), tex.encode())
+    if findings:
+        md += f"\n## The paper's findings\n\n{findings}"
     if not heads.empty:
         md += f"\n## Accuracy of every head (%)\n\n{markdown_frame(heads).to_markdown()}\n"
     if protocol:
         md += f"\n## Protocol: the paper's beside this run's\n\n{protocol}"
         atomic_write_bytes(out / "protocol.md", protocol.encode())
     atomic_write_bytes(out / "table.md", md.encode())
+
+
+def findings_markdown(findings: pd.DataFrame) -> str:
+    from harness.findings import markdown
+
+    return markdown(findings) if not findings.empty else ""
 
 
 def mixed_precision_note(results: pd.DataFrame) -> str:
@@ -240,10 +248,16 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     from harness.protocol import protocol_markdown
 
     heads = head_table(results, axes)
+    findings = pd.DataFrame()
+    if study.get("findings"):  # the paper's claims, on this run's results (harness.findings)
+        from harness.findings import evaluate
+
+        findings = evaluate(results, study["findings"], axes)
+        atomic_write_bytes(out / "findings.csv", csv_frame(findings).to_csv(index=False).encode())
     write_tables({**tables, **{f"{name}_localisation" if name else "localisation": (t, LOCALISATION)
                                for name, t in localisation.items()}},
                  heads, out, f"{study['name']} ({study['profile']} profile)", protocol_markdown(study),
-                 outside_note(study))
+                 outside_note(study), findings_markdown(findings))
     search = []
     if study.get("search"):  # each cell's search: its trials, their validation scores by epoch, the choice
         from harness import search_report
@@ -255,7 +269,7 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
             atomic_write_bytes(out / "table.md", table_md.encode())
     from harness.html_report import write_html
 
-    write_html(out, run_dir, study, results, tables, localisation, heads, axes, search=search)
+    write_html(out, run_dir, study, results, tables, localisation, heads, axes, search=search, findings=findings)
     summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
                "failed": int((results["status"] == FAILED).sum()), "outside_grid": study.get("_outside_grid", 0)}
     atomic_write_bytes(out / "summary.json", json.dumps(summary).encode())

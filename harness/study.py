@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from harness import study_yaml
 from harness.backbones import BackboneConfig
+from harness.findings import Finding
 from harness.escape import printable
 from harness.paths import name_problem, table_names_problem
 from harness.registry import RegistryError, did_you_mean
@@ -223,6 +224,8 @@ class Study(Strict):
     protocol: dict[str, Any] = Field(default_factory=dict, description=(
         "the paper's protocol, knob -> value or {value, note}, and its source; the report and --dry-run put the "
         "profile's own beside it (harness.protocol)"))
+    findings: list[Finding] = Field(default_factory=list, max_length=200, description=(
+        "the paper's ablation claims as data, each evaluated on the run in its report (harness.findings)"))
     search: SearchConfig | None = Field(None, description=(
         "tune every grid cell with the same budget on a validation split, then retrain each one's best "
         "configuration for the seeds: those are the table's cells (harness.search)"))

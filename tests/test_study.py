@@ -50,7 +50,7 @@ def test_unknown_key_in_an_optional_or_named_section_lists_its_keys(tmp_path, se
     with pytest.raises(StudyError) as e:
         load_study(path)
     assert "did you mean 'columns'" in str(e.value)
-    assert "(valid keys: columns, grid, metric, reference, rows)" in str(e.value)
+    assert "(valid keys: columns, grid, metric, model_comparison, reference, rows)" in str(e.value)
 
 def test_unknown_method_parameter_suggests_closest(tmp_path):
     path = write(tmp_path, "name: s\nmethod:\n  name: pmg\n  stagse: 3\n")
