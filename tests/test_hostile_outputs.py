@@ -24,7 +24,8 @@ MATH = r"$\undefined{x}$"
 
 def labels_study(tmp_path: Path, labels: list[str], **extra) -> Path:
     study = tmp_path / "h.yaml"
-    methods = [{"name": "baseline", "label": label, "backbone_lr_scale": 1.0 / (i + 1)} for i, label in enumerate(labels)]
+    methods = [{"name": "baseline", "label": label, "backbone_lr_scale": 1.0 / (i + 1)}
+               for i, label in enumerate(labels)]
     study.write_text(yaml.safe_dump({"name": "labels", "method": {"name": "baseline"}, "dataset": TINY["dataset"],
                                      "train": TINY["train"], "grid": {"method": methods}, "seeds": [0, 1, 2],
                                      "table": {"rows": "method"}, **extra}))
@@ -145,7 +146,8 @@ def test_free_text_never_expands_the_environment(tmp_path, monkeypatch, capsys, 
     rc, output, _ = run_cli(tmp_path, text, ["--dry-run"], monkeypatch, capsys)
     assert rc == 0 and SECRET not in output and "${AWS_SECRET_ACCESS_KEY}" in output
     study = load_study(tmp_path / "work" / "s.yaml").study
-    assert study.description == "key ${AWS_SECRET_ACCESS_KEY}" and study.protocol["source"] == "${AWS_SECRET_ACCESS_KEY}"
+    assert study.description == "key ${AWS_SECRET_ACCESS_KEY}"
+    assert study.protocol["source"] == "${AWS_SECRET_ACCESS_KEY}"
 
 
 def test_a_path_names_a_variable_and_is_shown_without_its_value(tmp_path, monkeypatch, capsys, secrets_env):

@@ -89,7 +89,8 @@ class DatasetFamily:
                     st = os.stat(os.path.join(dirpath, name))
                 except OSError:  # a dangling link: its decode names it (harness.data._decode)
                     st = os.lstat(os.path.join(dirpath, name))
-                digest.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                relative = os.path.relpath(os.path.join(dirpath, name), root)
+                digest.update(f"{relative}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return digest.hexdigest()
 
 

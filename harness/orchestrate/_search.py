@@ -309,7 +309,8 @@ def _restore(searcher: StudySearcher, env, log, search) -> str:
     pickles = 0
     for run in sorted(runs, reverse=True):
         try:
-            infos = [i for i in storage.fs.get_file_info(pafs.FileSelector(run)) if i.base_name.startswith("searcher-state-")]
+            infos = [i for i in storage.fs.get_file_info(pafs.FileSelector(run))
+                     if i.base_name.startswith("searcher-state-")]
         except OSError:
             continue
         pickles += sum(i.base_name.endswith(".pkl") for i in infos)

@@ -203,8 +203,9 @@ def checked_summary(unit, found: object) -> dict:
     best = found.get("best")
     if best is not None:
         value = best.get("value") if isinstance(best, dict) else None
-        if (identity_of(unit, best.get("values") if isinstance(best, dict) else None, "the best") != best.get("trial_id")
-                or best["trial_id"] not in ids or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        values = best.get("values") if isinstance(best, dict) else None
+        if (identity_of(unit, values, "the best") != best.get("trial_id") or best["trial_id"] not in ids
+                or not isinstance(value, (int, float)) or not math.isfinite(value)):
             raise StateError(f"unit {unit.unit_id}: the best of its summary is not one of its points")
     return found
 
