@@ -192,7 +192,8 @@ def test_bn_replicas_train_as_the_authors_dataparallel_on_two_gpus():
     momentum and BatchNorm statistics (float64, to 1e-6)."""
     def narrow(**kw):  # a quarter-width ResNet-18: the same 5 stages and BatchNorms, a fraction of the time
         torch.manual_seed(0)
-        backbone = build_backbone(BackboneConfig(name="resnet18", kwargs={"channels": [8, 16, 32, 64], "stem_width": 8}))
+        quarter = {"channels": [8, 16, 32, 64], "stem_width": 8}
+        backbone = build_backbone(BackboneConfig(name="resnet18", kwargs=quarter))
         return PMG(backbone, C, PMGParams(stages=3, feature_size=16, stage_dim=32, **kw)).double().train()
 
     ours, ref = narrow(bn_replicas=2), narrow()

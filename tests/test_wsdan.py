@@ -215,8 +215,9 @@ def test_tf_box_and_crop_as_worked_out():
     # (y1, x1, y2, x2) = (1/4 - .25, 0/4 - .25, 3/4 + .25, 3/4 + .25), not clipped.
     box = tf_crop_boxes(SMALL_MAP, (4, 4), 0.45, 0.25)
     assert torch.equal(box, torch.tensor([[0.0, -0.25, 1.0, 1.0]]))
-    # crop_and_resize to 4 x 4: rows sample 0 * 3 + j * (1 - 0) * 3 / 3 = 0, 1, 2, 3; columns -.25 * 3 + j * 1.25 * 3 / 3
-    # = -.75 (outside: 0), .5, 1.75, 3; the image 4y + x is linear, so a sample reads 4 row + column.
+    # crop_and_resize to 4 x 4: rows sample 0 * 3 + j * (1 - 0) * 3 / 3 = 0, 1, 2, 3; columns
+    # -.25 * 3 + j * 1.25 * 3 / 3 = -.75 (outside: 0), .5, 1.75, 3; the image 4y + x is linear: a sample
+    # reads 4 row + column.
     image = torch.arange(16.0).reshape(1, 1, 4, 4)
     rows = torch.arange(4.0)[:, None]
     expected = torch.cat([torch.zeros(4, 1), 4 * rows + torch.tensor([[.5, 1.75, 3.0]])], 1)
