@@ -61,8 +61,32 @@ class Finding(BaseModel):
     relation: Literal["better", "not_better"] = Field("better", description=(
         "better: `better` > `worse`; not_better: `better` brings no advantage over `worse`"))
     metric: str = Field("test/acc", pattern=r"^[A-Za-z0-9_.@/-]{1,200}$")
+    grid: str | None = Field(None, description="with `grids:`, the named grid whose trials the finding compares")
     margin: float = Field(1.0, gt=0.0, le=100.0, description="not_better: points within which 'no advantage' holds")
     paper: PaperNumbers | None = None
+
+
+def problems(findings: list[Finding], grid: dict[str, list], grids: dict[str, dict[str, list]]) -> list[str]:
+    """What a study's findings name that its grids cannot hold: an unknown grid, an axis no grid varies, a value
+    the axis never takes (said at load time, before anything trains)."""
+    out = []
+    for i, f in enumerate(findings):
+        if f.grid is not None and f.grid not in grids:
+            out.append(f"findings[{i}].grid: no grid {f.grid!r} (grids: {', '.join(grids) or 'none'})")
+            continue
+        axes = grids[f.grid] if f.grid is not None else {**grid, **{a: v for g in grids.values() for a, v in g.items()}}
+        for side in ("better", "worse"):
+            for axis, wanted in getattr(f, side).items():
+                if axis not in axes:
+                    out.append(f"findings[{i}].{side}: {axis!r} is not a grid axis"
+                               f"{f' of grid {f.grid}' if f.grid else ''} (axes: {', '.join(axes) or 'none'})")
+                    continue
+                values = {_text(v) for v in axes[axis] if not isinstance(v, dict)}
+                missing = [v for v in (wanted if isinstance(wanted, list) else [wanted]) if _text(v) not in values]
+                if values and missing:
+                    out.append(f"findings[{i}].{side}: {axis} never takes {missing[0]!r} (the grid: "
+                               f"{', '.join(sorted(values))})")
+    return out
 
 
 def _matches(results: pd.DataFrame, side: dict[str, Any]) -> pd.Series:
@@ -74,6 +98,15 @@ def _matches(results: pd.DataFrame, side: dict[str, Any]) -> pd.Series:
         allowed = {_text(v) for v in (wanted if isinstance(wanted, list) else [wanted])}
         keep &= results[axis].map(_text).isin(allowed)
     return keep
+
+
+def _in_grid(results: pd.DataFrame, grid: str) -> pd.Series:
+    """Rows of the trials of one named grid (results.parquet's `grids`: the JSON list of a trial's grids)."""
+    import json
+
+    if "grids" not in results:
+        return pd.Series(False, index=results.index)
+    return results["grids"].map(lambda g: isinstance(g, str) and grid in json.loads(g or "[]"))
 
 
 def _text(value) -> str:
@@ -103,8 +136,9 @@ def evaluate(results: pd.DataFrame, findings: list[Finding | dict], axes: list[s
     finished = results[results["status"] == "finished"] if "status" in results else results
     rows = []
     for f in findings:
-        better = _by_seed(finished[_matches(finished, f.better)], f.metric, axes)
-        worse = _by_seed(finished[_matches(finished, f.worse)], f.metric, axes)
+        pool = finished if f.grid is None else finished[_in_grid(finished, f.grid)]
+        better = _by_seed(pool[_matches(pool, f.better)], f.metric, axes)
+        worse = _by_seed(pool[_matches(pool, f.worse)], f.metric, axes)
         seeds = sorted(set(better) & set(worse))
         scale = 100.0 if "/acc" in f.metric or f.metric.startswith("test/loc/") else 1.0
         d = np.array([better[s] - worse[s] for s in seeds]) * scale

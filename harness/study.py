@@ -230,6 +230,15 @@ class Study(Strict):
         "tune every grid cell with the same budget on a validation split, then retrain each one's best "
         "configuration for the seeds: those are the table's cells (harness.search)"))
 
+    @model_validator(mode="after")
+    def _findings_name_the_grid(self) -> "Study":
+        from harness.findings import problems
+
+        found = problems(self.findings, self.grid, self.grids)
+        if found:
+            raise ValueError("; ".join(found[:3]))
+        return self
+
     # Set by load_study, not by the file.
     path: str = ""
     profile: str = "default"

@@ -121,3 +121,30 @@ def test_the_report_shows_the_findings_in_table_md_the_page_and_findings_csv(tmp
     assert 'id="findings"' in page and "<b>deeper" not in page and "&lt;b&gt;deeper is better&lt;/b&gt;" in page
     csv = pd.read_csv(out / "findings.csv")
     assert list(csv["verdict"]) == [AGREES, CONTRADICTS]  # stages 2 trails stages 1 (its jigsaw cell is 10 lower)
+
+
+def test_a_finding_that_names_what_the_grid_lacks_is_a_study_error(tmp_path):
+    from harness.study import StudyError, load_study
+
+    base = "name: s\nmethod: {name: pmg}\ngrid: {method.stages: [1, 2], method.jigsaw: [true, false]}\n"
+    cases = {"{method.stages: 3}": "never takes 3", "{method.depth: 1}": "'method.depth' is not a grid axis"}
+    for side, message in cases.items():
+        path = tmp_path / "s.yaml"
+        path.write_text(base + f"findings:\n  - {{claim: x, better: {side}, worse: {{method.stages: 1}}}}\n")
+        with pytest.raises(StudyError, match=message):
+            load_study(path)
+    path.write_text(base + "findings:\n  - {claim: x, grid: nope, better: {method.stages: 2}, worse: {method.stages: 1}}\n")
+    with pytest.raises(StudyError, match="no grid 'nope'"):
+        load_study(path)
+
+
+@pytest.mark.parametrize("study", ["pmg", "wsdan", "mksmt", "aam", "racnn", "gain"])
+def test_every_paper_study_declares_its_papers_findings(study):
+    from pathlib import Path
+
+    from harness.study import load_study
+
+    root = Path(__file__).resolve().parents[1]
+    resolved = load_study(root / "studies" / f"{study}_ablation.yaml")
+    assert len(resolved.study.findings) >= 3
+    assert all(f.source for f in resolved.study.findings)
