@@ -30,7 +30,7 @@ import pandas as pd
 
 import harness
 from harness._atomic import atomic_write, atomic_write_bytes  # noqa: F401 - re-exported
-from harness.escape import printable
+from harness.escape import printable, scrub
 from harness.paths import UnsafePath, identity_problem, inside, own_path  # noqa: F401
 from harness.trials import TrialSpec
 
@@ -151,6 +151,9 @@ class ResultStore:
         if self._versions is None:
             self._versions = versions()
         cfg = spec.config
+        if isinstance(metrics.get("traceback"), str):  # an error may quote a URI with its keys, or a secret
+            metrics = {**metrics, "traceback": scrub(metrics["traceback"])}
+        error = scrub(error)
         row = {"trial_id": spec.trial_id, "kind": spec.kind, "status": status, "error": error, "study": spec.study,
                "profile": spec.profile, "method": cfg["method"]["name"], "dataset": cfg["dataset"]["name"],
                "backbone": cfg["backbone"]["name"], "seed": cfg["seed"], "grids": json.dumps(spec.grids),

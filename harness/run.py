@@ -215,7 +215,8 @@ def write_run_metadata(run_dir: Path, args: argparse.Namespace, summary, started
             "storage": redact_uri(args.storage) if args.storage else None,  # an s3 URI may carry its keys
             "cluster": summary.cluster, "driver_host": socket.gethostname(), "platform": platform.platform(),
             "cpu": cpu, "cpu_count": os.cpu_count(), **versions()}
-    atomic_write_bytes(run_dir / "run.json", json.dumps(meta, indent=1, default=str).encode())
+    meta = scrub_data(json.loads(json.dumps(meta, default=str)))  # no credential, no ${VAR}'s value
+    atomic_write_bytes(run_dir / "run.json", json.dumps(meta, indent=1).encode())
 
 
 def _read(path: str) -> str:
