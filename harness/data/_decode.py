@@ -36,10 +36,16 @@ def existing_root(root: str, dataset: str, what: str) -> Path:
 
 
 def require(root: Path, relative: str, dataset: str) -> Path:
+    """`root / relative`, which must exist; a file there (a listing, annotations) must be a regular file (a FIFO
+    would hang the read: it is never opened)."""
     path = root / relative
     if not path.exists():
         raise DatasetError(f"{dataset}: expected {relative} under {root} (looked for {path}); "
                            f"point dataset.root at the folder of the dataset as distributed")
+    problem = None if path.is_dir() else regular_file_problem(path)
+    if problem:
+        raise DatasetError(printable(f"{dataset}: {path} is {problem}; it must be the file of the dataset as "
+                                     "distributed"))
     return path
 
 
