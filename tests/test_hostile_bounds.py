@@ -187,3 +187,17 @@ def test_an_unwritable_report_folder_is_exit_2_naming_out(tmp_path, tiny_study, 
     assert report.main([str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "permission denied; give --out a folder you can write" in err and "Traceback" not in err
+
+
+def test_a_dataset_listing_that_is_a_fifo_is_never_opened(tmp_path, capsys):
+    from harness.data.__main__ import main
+
+    root = tmp_path / "CUB_200_2011"
+    (root / "images").mkdir(parents=True)
+    for name in ("classes.txt", "image_class_labels.txt", "train_test_split.txt"):
+        (root / name).write_text("1 1\n")
+    os.mkfifo(root / "images.txt")
+    t0 = time.perf_counter()
+    assert main(["check", "cub200", str(root)]) == 2  # would hang reading the FIFO
+    assert "images.txt is a FIFO, not a regular file" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 30
