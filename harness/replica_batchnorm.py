@@ -44,9 +44,15 @@ _CLASSES: dict[type, type] = {}
 
 
 def _per_replica_class(cls: type) -> type:
+    """The per-replica subclass of a BatchNorm class, made once and named in this module (so pickle finds it)."""
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"PerReplica{cls.__name__}", (_PerReplica, cls), {"__module__": __name__})
+        name = f"PerReplica{cls.__name__}"
+        _CLASSES[cls] = globals()[name] = type(name, (_PerReplica, cls), {"__module__": __name__, "__qualname__": name})
     return _CLASSES[cls]
+
+
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):  # torch's, importable before any conversion
+    _per_replica_class(_cls)
 
 
 def per_replica_batchnorm(module: nn.Module, replicas: int) -> nn.Module:
