@@ -4,7 +4,7 @@ Exit codes: 0 all trials finished; 2 invalid study, arguments, dataset or storag
 profile (or the same --storage prefix) already running (nothing started); 3 finished with failed trials, or
 finished but its report could not be written; 130 interrupted (run the same command again to resume).
 
-Everything printed goes through harness.escape.printable: a label or error from a study file cannot send
+Everything printed goes through harness.core.escape.printable: a label or error from a study file cannot send
 escape codes to the terminal.
 """
 
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from harness.escape import printable, redact_uri, scrub_data
+from harness.core.escape import printable, redact_uri, scrub_data
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 def say(*parts: object, file=None) -> None:
-    """print, with control characters dropped (harness.escape.printable)."""
+    """print, with control characters dropped (harness.core.escape.printable)."""
     print(printable(" ".join(str(p) for p in parts)), file=file or sys.stdout, flush=True)
 
 
@@ -85,7 +85,7 @@ def count_text(resolved) -> str:
 
 
 def print_trials(resolved) -> None:
-    from harness.protocol import describe, protocol_markdown
+    from harness.report.protocol import describe, protocol_markdown
 
     say(f"study {resolved.name}, profile {resolved.profile}: {count_text(resolved)}")
     study = resolved.study.model_dump(mode="json")
@@ -105,8 +105,10 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.paths import UnsafePath, inside
-    from harness.study import MAX_TRIALS, StudyError, load_study
+    from harness.core.paths import UnsafePath, inside
+    from harness.study.config import MAX_TRIALS
+    from harness.study.errors import StudyError
+    from harness.study.load import load_study
 
     args = parse_args(argv)
 
@@ -134,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness import orchestrate
     from harness.data._decode import DatasetError
-    from harness.report import build_reports
-    from harness.results import RunLock, RunLocked, atomic_write_bytes
+    from harness.report.build import build_reports
+    from harness.results.store import RunLock, RunLocked, atomic_write_bytes
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     t0 = time.perf_counter()
@@ -184,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reason(e: Exception, flag: str = "--runs-dir") -> str:
-    """What went wrong, said with its path and the fix when it is a write that failed (harness.paths)."""
-    from harness.paths import write_problem
+    """What went wrong, said with its path and the fix when it is a write that failed (harness.core.paths)."""
+    from harness.core.paths import write_problem
 
     if isinstance(e, OSError) and e.errno is not None and e.filename and not isinstance(e, FileNotFoundError):
         return write_problem(e, flag)
@@ -205,7 +207,7 @@ def write_run_metadata(run_dir: Path, args: argparse.Namespace, summary, started
     import platform
     import socket
 
-    from harness.results import atomic_write_bytes, versions
+    from harness.results.store import atomic_write_bytes, versions
 
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor())

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, linear_cam, register_method
+from harness.plugin.backbones import StagedBackbone
+from harness.plugin.method import Method, MethodParams, OptimizerSteps, linear_cam, register_method
 from methods.attention_modules import AAM, CBAM, ResidualAttention, build_attention
 
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, linear_cam, register_method
+from harness.plugin.backbones import StagedBackbone
+from harness.plugin.method import Method, MethodParams, OptimizerSteps, linear_cam, register_method
 
 
 class BaselineParams(MethodParams):

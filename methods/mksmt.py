@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
+from harness.plugin.backbones import StagedBackbone
+from harness.plugin.method import Method, MethodParams, OptimizerSteps, register_method
 
 
 class MKSMTParams(MethodParams):

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
-from harness.replica_batchnorm import per_replica_batchnorm
+from harness.plugin.backbones import StagedBackbone
+from harness.plugin.method import Method, MethodParams, OptimizerSteps, register_method
+from harness.plugin.replica_batchnorm import per_replica_batchnorm
 
 
 class PMGParams(MethodParams):

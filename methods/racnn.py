@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, frozen_batchnorm, register_method
+from harness.plugin.backbones import StagedBackbone
+from harness.plugin.method import Method, MethodParams, OptimizerSteps, frozen_batchnorm, register_method
 
 
 class RACNNParams(MethodParams):

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from harness.backbones import StagedBackbone
-from harness.plugin import Method, MethodParams, OptimizerSteps, register_method
+from harness.plugin.backbones import StagedBackbone
+from harness.plugin.method import Method, MethodParams, OptimizerSteps, register_method
 from methods.wsdan_geometry import Geometry, attention_crop, attention_crop_boxes, attention_drop
 
 __all__ = ["WSDAN", "WSDANParams", "attention_crop", "attention_crop_boxes", "attention_drop",

@@ -61,7 +61,7 @@ def tiny_run(tmp_path_factory):
     """One small run through the command line, shared by the report, tracker and progress tests: the tiny
     study's fast profile (two trials, one epoch) with every tracker installed here. Returns its folder
     (runs/, reports/) and the command's output."""
-    from harness.trackers import TRACKERS, check_installed
+    from harness.orchestrate.trackers import TRACKERS, check_installed
 
     tmp = tmp_path_factory.mktemp("tiny_run")
     # A killed run's leftover: Ray's ray_current_cluster naming a cluster that is gone. A local run must not

@@ -5,10 +5,10 @@ import copy
 
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.study.config import TrainConfig
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
 TRAIN = TrainConfig(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

@@ -62,8 +62,8 @@ def run_cli(tmp_path: Path, text: str | bytes | None, args: list[str], monkeypat
 
 def fake_run(run_dir: Path, study: Path, overrides: list[str], acc: float = 0.5) -> list:
     """A run folder as harness.run leaves it, without training: finished records of the study's trials."""
-    from harness.results import ResultStore
-    from harness.study import load_study
+    from harness.results.store import ResultStore
+    from harness.study.load import load_study
 
     resolved = load_study(study, overrides=overrides)
     store = ResultStore(run_dir)

@@ -26,9 +26,9 @@ import timm
 import torch
 
 from harness.data import load_imageset
-from harness.engine import run_trial, set_threads
-from harness.study import load_study
-from harness.trials import TrialConfig
+from harness.engine.loop import run_trial, set_threads
+from harness.study.load import load_study
+from harness.study.trials import TrialConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "baselines" / "ci_smoke_backbone.v1.pth"

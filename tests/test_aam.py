@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.study.config import TrainConfig
 from methods.aam import AAMNet, AAMParams, cross_channel_loss
 from methods.attention_modules import AAM
 
@@ -72,7 +72,7 @@ def test_even_k_is_rejected():
 
 
 def test_inference_complexity_leaves_out_training_state():
-    from harness.complexity import inference_complexity
+    from harness.engine.complexity import inference_complexity
     with_centers, plain = make(module="se", loss="center"), make(module="se", loss="ce")
     assert inference_complexity(with_centers, 32)["inference/params"] == inference_complexity(plain, 32)["inference/params"]
     assert inference_complexity(plain, 32)["inference/params"] == sum(p.numel() for p in plain.parameters())
@@ -123,7 +123,7 @@ def test_residual_attention_in_stages_1_to_3_with_the_paper_pools():
 @pytest.mark.parametrize("size", [32, 64, 112])
 def test_residual_attention_params_are_what_it_adds_at_inference(size):
     """attention/params = the parameters a forward pass uses over the same backbone without a module, at any size."""
-    from harness.complexity import inference_complexity
+    from harness.engine.complexity import inference_complexity
 
     for learning in ("arl", "nal"):
         with_module, plain = make(module="resatt", attention_learning=learning), make(module="none")

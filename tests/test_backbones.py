@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
+from harness.plugin.backbones import BackboneConfig, build_backbone
 
 
 def test_resnet18_stages_and_early_exit():

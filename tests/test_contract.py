@@ -7,11 +7,11 @@ import io
 import pytest
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
+from harness.plugin.backbones import BackboneConfig, build_backbone
 from harness.data import DATASETS, RootedParams
-from harness.engine import build_optimizer
-from harness.plugin import METHODS, OptimizerSteps
-from harness.study import TrainConfig
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import METHODS, OptimizerSteps
+from harness.study.config import TrainConfig
 
 CLASSES = 4
 

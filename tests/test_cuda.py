@@ -11,7 +11,7 @@ import torch
 from harness.data import load_imageset
 from harness.data.imageset import BatchPipeline, Split
 from harness.data.synthfg import SynthFGParams
-from harness.engine import TrialIO, run_trial
+from harness.engine.loop import TrialIO, run_trial
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

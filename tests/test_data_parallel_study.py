@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from harness.data import DATASETS, load_imageset
-from harness.engine import run_trial
+from harness.engine.loop import run_trial
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

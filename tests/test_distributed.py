@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from harness.data import load_imageset
 from harness.data.imageset import BatchPipeline, Split
 from harness.data.synthfg import SynthFGParams
-from harness.distributed import Collective, GlooSyncBatchNorm, ProcessGroupCollective, _buckets, sync_batchnorm
-from harness.engine import TrialIO, run_trial
+from harness.plugin.distributed import Collective, GlooSyncBatchNorm, ProcessGroupCollective, _buckets, sync_batchnorm
+from harness.engine.loop import TrialIO, run_trial
 
 DATA = SynthFGParams(classes=4, train_per_class=8, test_per_class=4)
 

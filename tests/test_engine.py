@@ -4,9 +4,9 @@ import pytest
 
 from harness.data import load_imageset
 from harness.data.synthfg import SynthFGParams
-from harness.engine import LocalCheckpoints, lr_factor, run_trial
-from harness.plugin import TrialDiverged
-from harness.study import TrainConfig
+from harness.engine.loop import LocalCheckpoints, lr_factor, run_trial
+from harness.plugin.method import TrialDiverged
+from harness.study.config import TrainConfig
 
 DATA = SynthFGParams(classes=4, train_per_class=8, test_per_class=4)
 
@@ -74,7 +74,7 @@ def test_schedules_are_the_authors():
 
 
 def test_best_epoch_of_a_made_up_history():
-    from harness.engine import best_epochs
+    from harness.engine.loop import best_epochs
 
     history = [{"epoch": 1, "test/acc": 0.2, "test/acc/a": 0.3, "test/acc/b": 0.1},
                {"epoch": 2, "train/loss": 1.0},  # not evaluated (eval_every)

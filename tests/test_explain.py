@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.explain import localisation, method_maps
-from harness.plugin import METHODS
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.explain import localisation, method_maps
+from harness.plugin.method import METHODS
 
 
 def test_all_energy_in_the_box_scores_one_and_a_uniform_map_scores_the_box_area():
@@ -40,7 +40,7 @@ def test_several_boxes_absent_boxes_and_empty_maps():
 def test_gradcam_of_a_known_linear_head_on_the_last_stage():
     """A GAP-linear head: d score / d A_k = W[c, k] / (h w), so Grad-CAM = ReLU(sum_k W[c, k] A_k) / (h w): the
     CAM, up to scale (and both normalised alike)."""
-    from harness.explain import gradcam
+    from harness.engine.explain import gradcam
 
     method = METHODS.get("baseline")(build_backbone(BackboneConfig(name="resnet18")), 3,
                                      METHODS.get("baseline").Params()).eval()

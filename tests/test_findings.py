@@ -1,11 +1,12 @@
-"""A study's `findings:` (harness.findings): the paper's claims evaluated on constructed results whose answers are
+"""A study's `findings:` (harness.report.findings): the paper's claims evaluated on constructed results whose answers are
 known: direction, significance with the spread between seeds, groups of cells, "no advantage", one seed, Holm."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from harness.findings import AGREES, CONTRADICTS, NOT_RUN, NOT_SHOWN, Finding, evaluate, markdown
+from harness.report.findings import AGREES, CONTRADICTS, NOT_RUN, NOT_SHOWN, evaluate, markdown
+from harness.study.findings import Finding
 
 AXES = ["method.stages", "method.jigsaw"]
 
@@ -91,9 +92,9 @@ def test_the_report_shows_the_findings_in_table_md_the_page_and_findings_csv(tmp
     """A stored run (no training) of the tiny study with findings: the report's section says what the run shows."""
     import yaml
 
-    from harness.report import build_reports
-    from harness.results import ResultStore
-    from harness.study import load_study
+    from harness.report.build import build_reports
+    from harness.results.store import ResultStore
+    from harness.study.load import load_study
     from tests.conftest import TINY_STUDY
 
     study = yaml.safe_load(TINY_STUDY)
@@ -124,7 +125,8 @@ def test_the_report_shows_the_findings_in_table_md_the_page_and_findings_csv(tmp
 
 
 def test_a_finding_that_names_what_the_grid_lacks_is_a_study_error(tmp_path):
-    from harness.study import StudyError, load_study
+    from harness.study.errors import StudyError
+    from harness.study.load import load_study
 
     base = "name: s\nmethod: {name: pmg}\ngrid: {method.stages: [1, 2], method.jigsaw: [true, false]}\n"
     cases = {"{method.stages: 3}": "never takes 3", "{method.depth: 1}": "'method.depth' is not a grid axis"}
@@ -142,7 +144,7 @@ def test_a_finding_that_names_what_the_grid_lacks_is_a_study_error(tmp_path):
 def test_every_paper_study_declares_its_papers_findings(study):
     from pathlib import Path
 
-    from harness.study import load_study
+    from harness.study.load import load_study
 
     root = Path(__file__).resolve().parents[1]
     resolved = load_study(root / "studies" / f"{study}_ablation.yaml")

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness.gate import main
-from harness.stats import pack_correct
+from harness.gate.cli import main
+from harness.core.records import pack_correct
 
 SEEDS = (0, 1, 2)
 CONFIG = {"method": {"name": "baseline"}, "dataset": {"name": "synthfg", "classes": 4},
@@ -231,7 +231,7 @@ def test_bad_baselines_and_runs_exit_2_with_the_reason(baseline, tmp_path, capsy
 def test_the_committed_baselines_are_per_precision_and_clean():
     from pathlib import Path
 
-    from harness.gate import load_baseline
+    from harness.gate.cli import load_baseline
 
     root = Path(__file__).resolve().parents[1]
     for precision in ("fp32", "bf16"):
@@ -256,7 +256,7 @@ def test_finished_trials_of_an_earlier_grid_are_left_out(baseline, tmp_path):
 
 def test_the_gate_simulation_drives_the_gate_rule(baseline):
     """tests/benchmarks/bench_gate.py on a baseline: an unchanged system rarely alarms, a collapse is always caught."""
-    from harness.gate_rules import Baseline, Rules
+    from harness.gate.rules import Baseline, Rules
     from tests.benchmarks.bench_gate import simulate
 
     path, _ = baseline

@@ -55,7 +55,7 @@ def test_a_reference_fifo_is_refused_without_opening_it(tmp_path, monkeypatch, c
 
 
 def test_the_gate_reads_a_run_folders_study_within_the_loaders_bounds(tmp_path, tiny_study, capsys):
-    from harness.gate import main
+    from harness.gate.cli import main
     from tests.hostile import fake_run
 
     fake_run(tmp_path / "run", tiny_study, [])
@@ -144,7 +144,7 @@ def _failing(kind: int, text: str):
 
 
 def test_a_full_disk_under_the_runs_folder_is_exit_2_with_the_path_and_the_fix(tmp_path, monkeypatch, capsys):
-    from harness import results
+    from harness.results import store as results
 
     monkeypatch.setattr(results, "atomic_write_bytes", _failing(errno.ENOSPC, "No space left on device"))
     rc, output, _ = run_cli(tmp_path, TINY_STUDY, [], monkeypatch, capsys)
@@ -179,7 +179,7 @@ def test_a_read_only_runs_folder_is_exit_2_with_the_fix(tmp_path, monkeypatch, c
 
 
 def test_an_unwritable_report_folder_is_exit_2_naming_out(tmp_path, tiny_study, monkeypatch, capsys):
-    from harness import report
+    from harness.report import build as report
     from tests.hostile import fake_run
 
     fake_run(tmp_path / "run", tiny_study, [])

@@ -164,7 +164,7 @@ def test_dry_run_prints_no_control_characters_and_keeps_markdown_columns(tmp_pat
 
 
 def test_the_safe_name_rule_and_the_path_guard():
-    from harness.paths import UnsafePath, inside, name_problem
+    from harness.core.paths import UnsafePath, inside, name_problem
 
     for good in ("pmg_ablation", "paper", "v1.2-final", "a" * 100):
         assert name_problem(good) is None
@@ -177,7 +177,7 @@ def test_the_safe_name_rule_and_the_path_guard():
 
 
 def test_terminal_latex_markdown_and_uri_escaping():
-    from harness.escape import latex, latex_label, markdown_cell, printable, redact_uri
+    from harness.core.escape import latex, latex_label, markdown_cell, printable, redact_uri
 
     assert printable("a\x1b[2Jb\rc\x9bd\u202ee\tf\ng") == "a[2Jbcde\tf\ng"
     assert latex(r"pmg_ablation \write18{rm -rf ~} 5% & $x^2$ #1") == (
@@ -244,7 +244,7 @@ def hostile_labels_study(tmp_path: Path) -> Path:
 
 
 def test_pages_latex_and_markdown_carry_no_injected_markup(tmp_path):
-    from harness.report import build_reports, compare_runs
+    from harness.report.build import build_reports, compare_runs
 
     study = hostile_labels_study(tmp_path)
     run_a, run_b = tmp_path / "runs" / "a", tmp_path / "runs" / INJECTED.replace("/", "|")
@@ -270,8 +270,8 @@ def test_pages_latex_and_markdown_carry_no_injected_markup(tmp_path):
 
 
 def test_a_corrupt_maps_file_costs_its_maps_not_the_report(tmp_path, capsys):
-    from harness.html_report import maps_of_trial
-    from harness.report import main as report_main
+    from harness.report.html import maps_of_trial
+    from harness.report.build import main as report_main
 
     bad = tmp_path / "maps.npz"
     bad.write_bytes(b"PK\x03\x04 not a zip at all")

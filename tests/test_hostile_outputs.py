@@ -33,7 +33,7 @@ def labels_study(tmp_path: Path, labels: list[str], **extra) -> Path:
 
 
 def test_csv_cells_that_a_spreadsheet_would_run_are_text(tmp_path):
-    from harness.report import build_reports
+    from harness.report.build import build_reports
 
     study = labels_study(tmp_path, FORMULAS)
     fake_run(tmp_path / "run", study, [])
@@ -47,7 +47,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_text(tmp_path):
 
 
 def test_latex_cells_hold_no_blank_line_and_markdown_no_raw_html(tmp_path):
-    from harness.report import build_reports
+    from harness.report.build import build_reports
 
     injected = "<img src=x onerror=alert(1)>"
     study = labels_study(tmp_path, ["a\n\nb\\par", "c\r\x1b[2Jd"],
@@ -65,7 +65,7 @@ def test_latex_cells_hold_no_blank_line_and_markdown_no_raw_html(tmp_path):
 
 
 def test_a_label_with_mathtext_is_plotted_as_text(tmp_path):
-    from harness.report import build_reports
+    from harness.report.build import build_reports
 
     study = labels_study(tmp_path, [MATH, "$x^2$"])
     fake_run(tmp_path / "run", study, [])
@@ -74,7 +74,7 @@ def test_a_label_with_mathtext_is_plotted_as_text(tmp_path):
 
 
 def test_a_label_with_newlines_keeps_the_progress_block_one_line_per_trial():
-    from harness.progress import Progress
+    from harness.orchestrate.progress import Progress
 
     out = io.StringIO()
     progress = Progress(2, out=out, live=True)
@@ -105,7 +105,7 @@ def test_table_names_that_would_overwrite_a_report_file_are_refused(tmp_path, mo
 
 
 def test_the_report_refuses_a_run_whose_table_names_collide(tmp_path, tiny_study, capsys):
-    from harness.report import main
+    from harness.report.build import main
 
     fake_run(tmp_path / "run", tiny_study, [])
     study = yaml.safe_load((tmp_path / "run" / "study.yaml").read_text())
@@ -129,7 +129,7 @@ def secrets_env(monkeypatch):
 def _no_training(monkeypatch):
     """harness.run.main as it runs, with its training replaced by nothing (no Ray starts)."""
     from harness import orchestrate
-    from harness.results import ResultStore
+    from harness.results.store import ResultStore
 
     def run_study(resolved, run_dir, **kwargs):
         ResultStore(run_dir).write_tables(resolved.trials)
@@ -139,7 +139,7 @@ def _no_training(monkeypatch):
 
 
 def test_free_text_never_expands_the_environment(tmp_path, monkeypatch, capsys, secrets_env):
-    from harness.study import load_study
+    from harness.study.load import load_study
 
     text = study_text(description="key ${AWS_SECRET_ACCESS_KEY}",
                       protocol={"source": "${AWS_SECRET_ACCESS_KEY}", "lr": {"value": "${HOME}", "note": "${PATH}"}})
@@ -151,8 +151,8 @@ def test_free_text_never_expands_the_environment(tmp_path, monkeypatch, capsys, 
 
 
 def test_a_path_names_a_variable_and_is_shown_without_its_value(tmp_path, monkeypatch, capsys, secrets_env):
-    from harness.escape import printable
-    from harness.study import load_study
+    from harness.core.escape import printable
+    from harness.study.load import load_study
 
     path = tmp_path / "p.yaml"
     path.write_text(study_text(dataset={"name": "imagefolder", "root": "${MY_DATA}/birds"}))
@@ -176,7 +176,7 @@ def test_no_secret_reaches_the_terminal_or_a_file_of_the_run(tmp_path, monkeypat
 
 
 def test_a_secret_of_the_environment_is_scrubbed_from_anything_printed(monkeypatch):
-    from harness.escape import printable, redact_argv, scrub_data
+    from harness.core.escape import printable, redact_argv, scrub_data
 
     monkeypatch.setenv("SOME_API_TOKEN", "tok_0123456789abcdef")
     assert printable("error: token tok_0123456789abcdef refused") == "error: token *** refused"
@@ -187,7 +187,7 @@ def test_a_secret_of_the_environment_is_scrubbed_from_anything_printed(monkeypat
 
 def test_run_json_and_the_lock_of_a_run_with_credentials(tmp_path, monkeypatch, capsys):
     """The refusal of a second run names the first by its command line, without its credentials."""
-    from harness.results import RunLock
+    from harness.results.store import RunLock
 
     monkeypatch.setattr("sys.argv", ["harness.run", "s.yaml", "--storage", f"s3://KEY:{SECRET}@bucket/x"])
     roots = tmp_path / "a" / "b" / "roots"

@@ -35,7 +35,7 @@ class _Planted:
 
 def _search(tmp_path: Path, searcher: str = "random", trials: int = 6):
     from harness.orchestrate._searchers import StudySearcher, UnitSearch, make_sub_searcher
-    from harness.study import load_study
+    from harness.study.load import load_study
 
     study = tmp_path / "tuned.yaml"
     study.write_text(SEARCH_STUDY.replace("searcher: random", f"searcher: {searcher}")
@@ -174,7 +174,7 @@ def test_tpe_resumes_exactly_from_its_replayed_state(tmp_path):
 
 def test_tune_experiments_get_fresh_unpredictable_names():
     from harness.orchestrate._storage import experiment_name
-    from harness.paths import name_problem
+    from harness.core.paths import name_problem
 
     a, b = experiment_name("search-"), experiment_name("search-")
     assert a != b and a.startswith("search-") and name_problem(a) is None and len(a) == len("search-") + 24
@@ -195,8 +195,8 @@ def test_a_lock_planted_as_a_link_is_refused_and_its_target_untouched(tmp_path, 
 
 
 def test_a_lock_that_is_a_fifo_is_refused_at_once(tmp_path):
-    from harness.paths import UnsafePath
-    from harness.results import RunLock
+    from harness.core.paths import UnsafePath
+    from harness.results.store import RunLock
 
     os.mkfifo(tmp_path / ".lock")
     with pytest.raises(UnsafePath, match="not a regular file"):
@@ -205,7 +205,7 @@ def test_a_lock_that_is_a_fifo_is_refused_at_once(tmp_path):
 
 def test_lock_and_lease_record_the_command_line_without_credentials(tmp_path, monkeypatch):
     from harness.orchestrate._storage import Storage, StorageLease
-    from harness.results import RunLock, RunLocked
+    from harness.results.store import RunLock, RunLocked
 
     secret = "s3://AKIAEXAMPLE:wJalrSECRETKEY@bucket/fgvc?session_token=TOKEN123"
     monkeypatch.setattr(sys, "argv", ["harness.run", "s.yaml", "--storage", secret, f"--storage={secret}"])
@@ -227,7 +227,7 @@ def test_lock_and_lease_record_the_command_line_without_credentials(tmp_path, mo
 
 def test_a_planted_lease_cannot_hang_or_break_the_refusal(tmp_path):
     from harness.orchestrate._storage import Storage, StorageLease
-    from harness.results import RunLocked
+    from harness.results.store import RunLocked
 
     prefix = tmp_path / "p"
     prefix.mkdir()
@@ -251,7 +251,7 @@ def test_only_folders_the_harness_names_are_listed_under_tune(tmp_path):
 
 def test_a_storage_file_is_not_written_through_a_link(tmp_path):
     from harness.orchestrate._storage import Storage
-    from harness.paths import UnsafePath
+    from harness.core.paths import UnsafePath
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -269,8 +269,8 @@ def test_a_storage_file_is_not_written_through_a_link(tmp_path):
 
 
 def test_stored_records_that_are_not_records_are_not_used(tmp_path, tiny_study, capsys):
-    from harness.results import ResultStore
-    from harness.study import load_study
+    from harness.results.store import ResultStore
+    from harness.study.load import load_study
 
     specs = load_study(tiny_study).trials
     for spec, text in zip(specs, ["[1, 2]", '{"a": 1']):
@@ -301,7 +301,7 @@ def _search_rows(run: Path, unit: str, trial_id: str) -> None:
 
 
 def test_a_search_unit_that_climbs_out_writes_nothing_outside_the_report(tmp_path, tiny_study, capsys):
-    from harness.report import build_reports
+    from harness.report.build import build_reports
 
     run = tmp_path / "runs" / "run"
     fake_run(run, tiny_study, [])
@@ -319,7 +319,7 @@ def _maps_section(page: str) -> str:
 
 
 def test_a_trial_id_that_is_a_path_inlines_nothing_from_outside(tmp_path, tiny_study):
-    from harness.report import build_reports
+    from harness.report.build import build_reports
 
     secret = tmp_path / "elsewhere"
     secret.mkdir()
@@ -342,7 +342,7 @@ def test_a_trial_id_that_is_a_path_inlines_nothing_from_outside(tmp_path, tiny_s
     ("a map that does not fit", {"images": np.zeros((2, 3, 8, 8), np.uint8), "map:x": np.zeros((2, 3, 3))}),
 ])
 def test_a_bad_maps_file_costs_its_maps_and_the_page_is_written(tmp_path, tiny_study, case, arrays):
-    from harness.report import build_reports
+    from harness.report.build import build_reports
 
     run = tmp_path / "run"
     specs = fake_run(run, tiny_study, [])
@@ -355,7 +355,7 @@ def test_a_maps_header_claiming_gigabytes_is_refused_before_loading(tmp_path, ti
     import io
     import zipfile
 
-    from harness.report import build_reports
+    from harness.report.build import build_reports
 
     run = tmp_path / "run"
     specs = fake_run(run, tiny_study, [])

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from pydantic import Field, create_model
 
-from harness.backbones import BackboneConfig
+from harness.plugin.backbones import BackboneConfig
 from harness.data import DATASETS
-from harness.plugin import METHODS
-from harness.results import ResultStore
-from harness.study import TrainConfig, load_study
-from harness.trials import schema_defaults, trial_identity
+from harness.plugin.method import METHODS
+from harness.results.store import ResultStore
+from harness.study.config import TrainConfig
+from harness.study.load import load_study
+from harness.study.trials import schema_defaults, trial_identity
 
 SNAPSHOT = Path(__file__).with_name("schema_defaults.json")
 
@@ -48,11 +49,11 @@ def test_a_new_field_with_a_default_keeps_identities_and_results(tiny_study, tmp
     # A later harness adds train.warmup_epochs (default 0): every existing trial keeps its identity.
     upgraded = create_model("TrainConfig", __base__=TrainConfig,
                             warmup_epochs=(int, Field(0, ge=0, description="added later")))
-    import harness.study
-    import harness.trials
-    monkeypatch.setattr(harness.trials, "TrainConfig", upgraded)
-    monkeypatch.setattr(harness.study, "Study", create_model(
-        "Study", __base__=harness.study.Study, train=(upgraded, Field(default_factory=upgraded))))
+    import harness.study.config
+    import harness.study.trials
+    monkeypatch.setattr(harness.study.trials, "TrainConfig", upgraded)
+    monkeypatch.setattr(harness.study.config, "Study", create_model(
+        "Study", __base__=harness.study.config.Study, train=(upgraded, Field(default_factory=upgraded))))
     after = load_study(tiny_study).trials
     assert "warmup_epochs" in after[0].config["train"]  # the field is there, at its default
     assert [t.trial_id for t in after] == [t.trial_id for t in before]
@@ -71,7 +72,7 @@ def test_operational_knobs_are_not_part_of_the_identity(tiny_study):
 def test_identity_depends_on_the_math_version(monkeypatch):
     config = load_study_config()
     a = trial_identity(config)
-    monkeypatch.setattr("harness.trials.MATH_VERSION", 999)
+    monkeypatch.setattr("harness.study.trials.MATH_VERSION", 999)
     assert trial_identity(config) != a
 
 

@@ -63,7 +63,7 @@ def test_rerun_trains_nothing_and_rebuilds_reports(tiny_study, tmp_path, capsys)
     assert run(tiny_study, tmp_path, "--profile", "fast", "--set", "grid.method.stages=[1]") == 0
     out = capsys.readouterr().out
     assert "0 trials trained, 2 skipped" in out and "Ray" not in out  # no Ray started for nothing to do
-    from harness.report import main as report_main
+    from harness.report.build import main as report_main
     assert report_main([str(tmp_path / "runs" / "tiny" / "fast"), "--out", str(tmp_path / "rebuilt")]) == 0
     assert (tmp_path / "rebuilt" / "table.md").exists()
 
@@ -100,7 +100,7 @@ def test_interrupt_keeps_finished_trials_and_resumes(tiny_study, tmp_path):
 @pytest.mark.slow
 def test_every_registered_method_runs_a_tiny_study(tmp_path):
     """Each plugin, with its own defaults, trains and evaluates through real Ray on tiny data."""
-    from harness.plugin import METHODS
+    from harness.plugin.method import METHODS
 
     names = METHODS.names()
     code = run(_study(tmp_path), tmp_path, "--profile", "fast", "--set", "train.lr=0.001",

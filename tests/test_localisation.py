@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from harness.backbones import BackboneConfig, build_backbone
+from harness.plugin.backbones import BackboneConfig, build_backbone
 from harness.data.imageset import IMAGENET_MEAN, IMAGENET_STD, BatchPipeline, ImageSet, Split, target_boxes
 from harness.data.synthfg import PART_NAMES, SynthFGParams, class_attributes, class_names, discriminative_parts, render
-from harness.explain import localisation, localisation_scores, localisation_target, pointing_tolerance
-from harness.plugin import METHODS, Method, MethodParams
+from harness.engine.explain import localisation, localisation_scores, localisation_target, pointing_tolerance
+from harness.plugin.method import METHODS, Method, MethodParams
 
 BOX = np.array([[[4.0, 4.0, 6.0, 6.0]]])  # pixels 4 and 5 in x and y of a 10 x 10 image
 

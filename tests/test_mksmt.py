@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.complexity import inference_complexity
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.complexity import inference_complexity
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.study.config import TrainConfig
 from methods.mksmt import MKSMT, MKSMTParams, distillation_loss
 
 C = 6

@@ -17,8 +17,8 @@ from tests.hostile import fake_run
 
 
 def test_a_narrower_grid_keeps_every_finished_result(tiny_study, tmp_path):
-    from harness.report import build_reports
-    from harness.results import ResultStore
+    from harness.report.build import build_reports
+    from harness.results.store import ResultStore
 
     wide = fake_run(tmp_path / "run", tiny_study, [])
     narrow = fake_run(tmp_path / "run", tiny_study, ["grid.method.stages=[1]"])  # a later, narrower rerun
@@ -37,8 +37,8 @@ def test_a_narrower_grid_keeps_every_finished_result(tiny_study, tmp_path):
 
 
 def test_a_failed_record_never_replaces_a_finished_one(tiny_study, tmp_path):
-    from harness.results import ResultStore
-    from harness.study import load_study
+    from harness.results.store import ResultStore
+    from harness.study.load import load_study
 
     spec = load_study(tiny_study).trials[0]
     store = ResultStore(tmp_path)
@@ -54,8 +54,8 @@ def test_the_driver_callback_keeps_a_finished_trial_whose_process_then_dies(tiny
 
     from harness.orchestrate import RunSummary
     from harness.orchestrate._callback import StoreCallback
-    from harness.results import ResultStore
-    from harness.study import load_study
+    from harness.results.store import ResultStore
+    from harness.study.load import load_study
 
     specs = load_study(tiny_study).trials[:1]
     store, summary, said = ResultStore(tmp_path), RunSummary(total=1), []
@@ -71,8 +71,8 @@ def test_the_driver_callback_keeps_a_finished_trial_whose_process_then_dies(tiny
 def test_an_axis_of_mixed_types_is_stored_not_refused(tiny_study, tmp_path):
     from dataclasses import replace
 
-    from harness.results import ResultStore
-    from harness.study import load_study
+    from harness.results.store import ResultStore
+    from harness.study.load import load_study
 
     specs = load_study(tiny_study).trials[:2]
     specs = [replace(specs[0], axes={"backbone.pretrained": False}),
@@ -122,7 +122,7 @@ def test_a_broken_cache_entry_is_named_and_rebuilt(tmp_path, monkeypatch, capsys
 
 
 def test_the_atomic_writer_flushes_the_file_and_its_folder(tmp_path, monkeypatch):
-    from harness import _atomic
+    from harness.core import atomic as _atomic
 
     synced = []
     real = os.fsync

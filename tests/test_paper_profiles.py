@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.protocol import compare, describe, protocol_markdown
-from harness.study import StudyError, TrainConfig, load_study
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.report.protocol import compare, describe, protocol_markdown
+from harness.study.errors import StudyError
+from harness.study.config import TrainConfig
+from harness.study.load import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import METHODS, OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import METHODS, OptimizerSteps
+from harness.study.config import TrainConfig
 from methods.pmg import PMG, PMGParams, jigsaw
 
 C = 5
@@ -160,7 +160,7 @@ def fold_gradients(model, copies):
 
 
 def test_per_replica_batchnorm_equals_two_replicas_of_the_module():
-    from harness.replica_batchnorm import per_replica_batchnorm
+    from harness.plugin.replica_batchnorm import per_replica_batchnorm
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.ReLU(),
@@ -229,7 +229,7 @@ def test_bn_replicas_train_as_the_authors_dataparallel_on_two_gpus():
 
 
 def test_bn_replicas_refuse_sync_bn():
-    from harness.distributed import sync_batchnorm
+    from harness.plugin.distributed import sync_batchnorm
 
     with pytest.raises(ValueError, match="train.sync_bn: false"):
         sync_batchnorm(make(1, bn_replicas=2))

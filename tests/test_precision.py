@@ -1,4 +1,4 @@
-"""Precision chosen per device (harness.precision): auto is bf16 only where the device has bf16 units, the
+"""Precision chosen per device (harness.engine.precision): auto is bf16 only where the device has bf16 units, the
 deprecated `amp` maps onto it, fp16 trains with a gradient scaler, and every row says what ran."""
 
 import warnings
@@ -6,8 +6,10 @@ import warnings
 import pytest
 import torch
 
-from harness import precision
-from harness.study import StudyError, TrainConfig, load_study
+from harness.engine import precision
+from harness.study.errors import StudyError
+from harness.study.config import TrainConfig
+from harness.study.load import load_study
 
 
 @pytest.fixture
@@ -80,8 +82,8 @@ def _tiny_config(**train) -> dict:
 @pytest.mark.parametrize("requested", ["fp32", "bf16", "fp16"])
 def test_every_precision_trains_and_the_row_says_what_ran(requested):
     from harness.data import load_imageset
-    from harness.engine import run_trial
-    from harness.trials import TrialConfig
+    from harness.engine.loop import run_trial
+    from harness.study.trials import TrialConfig
 
     cfg = TrialConfig.parse(_tiny_config(precision=requested, max_train_batches=2))
     final = run_trial(cfg, load_imageset(cfg.dataset, cfg.stored_size), threads=1)
@@ -93,8 +95,8 @@ def test_every_precision_trains_and_the_row_says_what_ran(requested):
 
 def test_auto_in_a_row_is_what_this_cpu_runs():
     from harness.data import load_imageset
-    from harness.engine import run_trial
-    from harness.trials import TrialConfig
+    from harness.engine.loop import run_trial
+    from harness.study.trials import TrialConfig
 
     cfg = TrialConfig.parse(_tiny_config(max_train_batches=1))
     final = run_trial(cfg, load_imageset(cfg.dataset, cfg.stored_size), threads=1)
@@ -104,7 +106,7 @@ def test_auto_in_a_row_is_what_this_cpu_runs():
 
 def test_fp16_steps_go_through_a_gradient_scaler():
     """The scaled step is the plain step on the same loss: the gradient is unscaled before SGD applies it."""
-    from harness.plugin import OptimizerSteps
+    from harness.plugin.method import OptimizerSteps
 
     torch.manual_seed(0)
     x = torch.randn(8, 4)

@@ -4,8 +4,8 @@ trials done so far."""
 import io
 import re
 
-from harness import progress
-from harness.progress import Progress
+from harness.orchestrate import progress
+from harness.orchestrate.progress import Progress
 
 
 class Clock:

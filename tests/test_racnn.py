@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.study.config import TrainConfig
 from methods.racnn import APN, RACNN, RACNNParams, attend, boxcar_mask, highest_response_square, ranking_loss
 
 

@@ -1,11 +1,11 @@
-"""The throughput measure the CI gate judges: a reference step interleaved with the training (harness.reference).
+"""The throughput measure the CI gate judges: a reference step interleaved with the training (harness.engine.reference).
 A load that comes and goes slows the training and the reference step of the same moment alike and leaves the ratio;
 a slower training step moves it; the reference steps' own time is not the training's."""
 
 import pytest
 
-from harness import reference
-from harness.reference import ReferenceProbe
+from harness.engine import reference
+from harness.engine.reference import ReferenceProbe
 
 
 class _Clock:
@@ -53,7 +53,7 @@ def test_a_short_trial_closes_its_partial_window():
 def test_the_engine_leaves_the_reference_steps_out_of_the_training_time():
     from harness.data import load_imageset
     from harness.data.synthfg import SynthFGParams
-    from harness.engine import run_trial
+    from harness.engine.loop import run_trial
 
     data = SynthFGParams(classes=4, train_per_class=8, test_per_class=4)
     imageset = load_imageset(data, 36)

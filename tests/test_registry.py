@@ -2,8 +2,8 @@
 
 import pytest
 
-from harness.plugin import METHODS, Method
-from harness.registry import Registry, RegistryError
+from harness.plugin.method import METHODS, Method
+from harness.core.registry import Registry, RegistryError
 
 
 def test_builtin_methods_are_registered():
@@ -38,7 +38,7 @@ def test_unknown_name_suggests_the_closest():
 def test_third_party_methods_come_in_through_entry_points(tmp_path, monkeypatch):
     """A package outside the repo registers a method through the entry point group, not a YAML import path."""
     (tmp_path / "my_fgvc_plugin.py").write_text(
-        "from harness.plugin import Method\n"
+        "from harness.plugin.method import Method\n"
         "from tests.test_registry import PLUGIN_REGISTRY\n"
         "@PLUGIN_REGISTRY.register('my_method')\n"
         "class MyMethod(Method):\n"

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from harness.tables import head_table, paper_table
+from harness.report.tables import head_table, paper_table
 
 
 def results():
@@ -67,7 +67,7 @@ def test_numeric_rows_sort_as_numbers():
 
 
 def test_metric_columns_and_references(tmp_path):
-    from harness.tables import add_references
+    from harness.report.tables import add_references
     df = pd.DataFrame([{"method.distillation": d, "seed": 0, "status": "finished", "test/acc/S3": 0.5 + i / 10,
                         "test/acc/S4": 0.6 + i / 10} for i, d in enumerate(["decision", "none"])])
     table = paper_table(df, "method.distillation", None, ["test/acc/S3", "test/acc/S4"])

@@ -17,10 +17,10 @@ from ray.train import Checkpoint
 
 from harness.data import cache_dir, load_imageset
 from harness.data.synthfg import SynthFGParams
-from harness.engine import LocalCheckpoints, load_checkpoint, run_trial, save_checkpoint
+from harness.engine.loop import LocalCheckpoints, load_checkpoint, run_trial, save_checkpoint
 from harness.orchestrate._storage import CheckpointStore, Storage
 from harness.orchestrate._trial import CHECKPOINT_FILE, _candidates, read_checkpoint
-from harness.results import RunLock, RunLocked
+from harness.results.store import RunLock, RunLocked
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_a_second_driver_is_refused_and_names_the_first(tmp_path):
 
 
 def test_a_killed_driver_leaves_no_stuck_lock(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.results import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.results.store import RunLock; "
                                f"lock = RunLock({str(tmp_path)!r}).__enter__(); print('held', flush=True); "
                                "time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

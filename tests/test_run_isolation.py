@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_a_storage_prefix_has_one_driver(tmp_path):
     from harness.orchestrate._storage import Storage, StorageLease
-    from harness.results import RunLocked
+    from harness.results.store import RunLocked
 
     storage = Storage(tmp_path / "shared")
     first = StorageLease(storage, "tiny/default", tmp_path / "runs-a", settle_s=0.01).acquire()
@@ -37,7 +37,7 @@ def test_a_storage_prefix_has_one_driver(tmp_path):
 
 def test_a_lease_is_refreshed_and_taken_over_only_when_stale(tmp_path):
     from harness.orchestrate._storage import Storage, StorageLease
-    from harness.results import RunLocked
+    from harness.results.store import RunLocked
 
     storage = Storage(tmp_path)
     lease = StorageLease(storage, "p", refresh_s=0.05, settle_s=0.01).acquire()

@@ -1,4 +1,4 @@
-"""Fair comparisons (harness.search): the search: section, the validation split, the sealed test split, the
+"""Fair comparisons (harness.study.search): the search: section, the validation split, the sealed test split, the
 searchers and schedulers driven directly (no Ray cluster), resume of a half-done search, and a finished search
 that reruns nothing. The real-Ray runs are in tests/test_search_run.py (slow)."""
 
@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from harness.run import main
-from harness.search import choose_best, parse_distribution
-from harness.study import StudyError, load_study
+from harness.study.search import choose_best
+from harness.study.search_space import parse_distribution
+from harness.study.errors import StudyError
+from harness.study.load import load_study
 from tests.search_studies import SEARCH_STUDY
 
 
@@ -56,7 +58,7 @@ def test_a_search_study_plans_one_unit_per_cell_with_the_same_space(tmp_path):
                                "reduction 2))")
     # A search trial is another computation than the cell with the same settings: its own identity. A final cell
     # is exactly the grid's trial with the chosen values.
-    from harness.trials import trial_identity
+    from harness.study.trials import trial_identity
     unit = plan.units[0]
     final = unit.final_config({"train.lr": 0.05}, seed=0)
     assert trial_identity(final) == resolved.trials[0].trial_id  # lr 0.05 is the study's own
@@ -138,7 +140,7 @@ class GuardSplit:
 def _tiny_trial(tmp_path, search: bool):
     from harness.data import load_imageset
     from harness.data.imageset import ImageSet
-    from harness.trials import TrialConfig
+    from harness.study.trials import TrialConfig
 
     text = SEARCH_STUDY.replace("epochs: 3", "epochs: 1").replace("image_size: 32, resize: 36",
                                                                  "image_size: 16, resize: 16")
@@ -153,7 +155,7 @@ def _tiny_trial(tmp_path, search: bool):
 
 
 def test_a_search_trial_never_reads_the_test_split(tmp_path):
-    from harness.engine import run_trial
+    from harness.engine.loop import run_trial
 
     cfg, guarded, real = _tiny_trial(tmp_path, search=True)
     final = run_trial(cfg, guarded, threads=1)
@@ -162,14 +164,14 @@ def test_a_search_trial_never_reads_the_test_split(tmp_path):
     held = 8  # 0.2 x 10 images of each of the 4 classes
     assert final["val/images"] == held and 0 <= final["val/acc"] <= 1
     assert all("val/acc" in epoch for epoch in final["history"])  # every epoch scored, for ASHA
-    from harness.stats import unpack_correct
+    from harness.core.records import unpack_correct
     members = unpack_correct(final["val/members"])
     assert len(members) == len(real.train) and members.sum() == held  # which training images, stored
 
 
 def test_the_guard_catches_a_trial_that_reads_the_test_split(tmp_path):
     """The control: a final cell does read the test split, and the guard says so."""
-    from harness.engine import run_trial
+    from harness.engine.loop import run_trial
 
     cfg, guarded, _ = _tiny_trial(tmp_path, search=False)
     with pytest.raises(AssertionError, match="test split was read"):
@@ -365,8 +367,8 @@ def test_tpe_without_optuna_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 def test_a_finished_search_reruns_nothing_and_starts_no_ray(tmp_path, capsys):
     """Every cell's search ended (search/<unit>.json) and its final cells are stored: nothing runs."""
-    from harness.results import FINISHED, ResultStore
-    from harness.trials import TrialSpec, trial_identity
+    from harness.results.store import FINISHED, ResultStore
+    from harness.study.trials import TrialSpec, trial_identity
 
     study = write(tmp_path, SEARCH_STUDY)
     resolved = load_study(study)

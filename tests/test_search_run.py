@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from harness.study import load_study
+from harness.study.load import load_study
 from tests.search_studies import SEARCH_STUDY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from harness.run import main
-from harness.study import StudyError, load_study
-from harness.trials import trial_identity
+from harness.study.errors import StudyError
+from harness.study.load import load_study
+from harness.study.trials import trial_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,7 +245,7 @@ def test_whole_section_axes_compare_plugins_with_their_own_settings(tmp_path):
 
 
 def test_comparison_study_covers_every_registered_method(monkeypatch):
-    from harness.plugin import METHODS
+    from harness.plugin.method import METHODS
     study = load_study("studies/methods_comparison.yaml")
     assert {t.config["method"]["name"] for t in study.trials} == set(METHODS.names())
     for var in ("CUB200_ROOT", "CARS_ROOT", "AIRCRAFT_ROOT", "DOGS_ROOT", "NABIRDS_ROOT"):
@@ -268,7 +269,7 @@ def test_workers_need_a_batch_that_divides_and_whole_gpus(tiny_study):
 
 
 def test_the_smoke_study_covers_every_registered_method():
-    from harness.plugin import METHODS
+    from harness.plugin.method import METHODS
     study = load_study(ROOT / "studies/ci_smoke.yaml")
     assert {t.config["method"]["name"] for t in study.trials} == set(METHODS.names())
     assert all(t.config["train"]["reference_workload"] for t in study.trials)

@@ -8,9 +8,9 @@ import struct
 import pandas as pd
 import pytest
 
-from harness import trackers
-from harness.trackers import TrackerMissing, Trackers, check_installed
-from harness.trials import TrialSpec
+from harness.orchestrate import trackers
+from harness.orchestrate.trackers import TrackerMissing, Trackers, check_installed
+from harness.study.trials import TrialSpec
 
 
 def installed(name: str) -> bool:

@@ -3,7 +3,7 @@
 import torch
 
 from harness.data.transforms import colour_jitter
-from harness.study import TrainConfig
+from harness.study.config import TrainConfig
 
 
 def test_presets_fill_what_the_study_leaves_out():

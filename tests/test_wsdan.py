@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.study.config import TrainConfig
 from methods.wsdan import (WSDAN, WSDANParams, attention_crop, attention_crop_boxes, attention_drop,
                            bilinear_attention_pooling, choose_maps)
 

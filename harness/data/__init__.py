@@ -30,10 +30,10 @@ from typing import ClassVar
 import numpy as np
 from pydantic import BaseModel, Field
 
-from harness._atomic import atomic_write
+from harness.core.atomic import atomic_write
 from harness.data.imageset import ImageSet, Split
-from harness.registry import Registry
-from harness.schema import ConfigModel
+from harness.core.registry import Registry
+from harness.core.schema import ConfigModel
 
 # Bump when a change alters the pixels a dataset family produces, so stale caches are not reused.
 DATA_VERSION = 3  # 2: synthfg records each class's discriminative parts; 3: 16-bit greyscale images scaled, not clipped
@@ -41,7 +41,7 @@ DATA_VERSION = 3  # 2: synthfg records each class's discriminative parts; 3: 16-
 
 class DatasetParams(ConfigModel):
     """Base of every dataset family's parameters: unknown keys, inf/NaN and loosely typed ints or bools are errors
-    (harness.schema); `name` is set by the registry."""
+    (harness.core.schema); `name` is set by the registry."""
 
     name: str = ""
 

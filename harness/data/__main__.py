@@ -14,8 +14,8 @@ import numpy as np
 
 from harness.data import DATASETS, load_imageset
 from harness.data._decode import DatasetError
-from harness.escape import printable
-from harness.registry import RegistryError
+from harness.core.escape import printable
+from harness.core.registry import RegistryError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from harness.bounded import regular_file_problem
-from harness.escape import printable
+from harness.core.bounded import regular_file_problem
+from harness.core.escape import printable
 
 DECODE_TIMEOUT_S = 120.0  # one image; a 4k JPEG decodes in well under a second
 

@@ -22,7 +22,7 @@
   failed with the reason (harness.orchestrate._callback).
 - Finished trials are written by a driver-side callback the moment they end; their checkpoints are
   then deleted (unless `keep_checkpoints`).
-- A study with `search:` (harness.search) runs its cells' searches and then their final cells in one Tune
+- A study with `search:` (harness.study.search) runs its cells' searches and then their final cells in one Tune
   experiment instead (harness.orchestrate._search, _searchers).
 """
 
@@ -57,16 +57,16 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
 from harness.data._decode import DatasetError  # noqa: E402
-from harness.precision import describe_here  # noqa: E402
+from harness.engine.precision import describe_here  # noqa: E402
 from harness.orchestrate._callback import StoreCallback  # noqa: E402
 from harness.orchestrate._storage import (CheckpointStore, Storage, StorageLease, check_storage_reachable,  # noqa: E402
                                         experiment_name)
 from harness.orchestrate._trial import dataset_key, prepare_dataset, trainable  # noqa: E402
-from harness.progress import Progress  # noqa: E402
-from harness.results import ResultStore  # noqa: E402
-from harness.trackers import Trackers  # noqa: E402
-from harness.trials import ResolvedStudy, estimated_cost  # noqa: E402
-from harness.weights import ensure_weights  # noqa: E402
+from harness.orchestrate.progress import Progress  # noqa: E402
+from harness.results.store import ResultStore  # noqa: E402
+from harness.orchestrate.trackers import Trackers  # noqa: E402
+from harness.study.trials import ResolvedStudy, estimated_cost  # noqa: E402
+from harness.plugin.weights import ensure_weights  # noqa: E402
 
 # Tune's ResultGrid looks for the per-trial CSV/JSON loggers we turned off; the store has the results.
 logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -268,7 +268,7 @@ def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str 
     """Run every unfinished trial of the study. `storage`: where Ray persists checkpoints (default
     `<run_dir>/ray`; a shared path or s3:// / gs:// URI on a multi-node cluster), held by this driver alone
     while it runs (harness.orchestrate._storage.StorageLease; raises RunLocked when another driver holds it).
-    `loggers`: trackers (tensorboard, mlflow, wandb). `progress`: the live lines (harness.progress).
+    `loggers`: trackers (tensorboard, mlflow, wandb). `progress`: the live lines (harness.orchestrate.progress).
     `connect_timeout`: seconds to reach a cluster's `address` before giving up (ConnectionError)."""
     lease = None
     if storage:  # the default storage is inside the run folder, which RunLock already holds
@@ -286,7 +286,7 @@ def _run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str
                progress: bool, connect_timeout: float) -> RunSummary:
     store = ResultStore(run_dir)
     summary = RunSummary(total=len(resolved.trials))
-    if resolved.search is not None:  # tune every cell, then retrain each one's best (harness.search)
+    if resolved.search is not None:  # tune every cell, then retrain each one's best (harness.study.search)
         from harness.orchestrate._search import run_search
 
         def setup(todo, planned=""):

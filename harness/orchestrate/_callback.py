@@ -11,11 +11,11 @@ from ray import tune
 
 from harness.orchestrate._storage import CheckpointStore
 from harness.orchestrate._trial import dataset_key
-from harness.escape import printable
-from harness.progress import Progress
-from harness.trackers import Trackers
-from harness.results import FAILED, FINISHED, ResultStore
-from harness.trials import TrialSpec
+from harness.core.escape import printable
+from harness.orchestrate.progress import Progress
+from harness.orchestrate.trackers import Trackers
+from harness.results.store import FAILED, FINISHED, ResultStore
+from harness.study.trials import TrialSpec
 
 # What Tune adds to every result; none of it belongs in a results row.
 TUNE_KEYS = {"kind", "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration",

@@ -1,4 +1,4 @@
-"""Running a study's search (harness.search) through Ray Tune: one experiment for every cell's search trials and,
+"""Running a study's search (harness.study.search) through Ray Tune: one experiment for every cell's search trials and,
 as each cell's search ends, its final cells (harness.orchestrate._searchers).
 
 Stored (besides results.parquet, where every row says its `kind`: `search` or `final`):
@@ -25,16 +25,16 @@ import pyarrow.fs as pafs
 from ray import tune
 
 from harness.orchestrate._callback import TUNE_KEYS, StoreCallback
-from harness.escape import printable
+from harness.core.escape import printable
 from harness.orchestrate._searcher_state import MAX_BYTES as MAX_STATE_BYTES, StateError, checked_summary
 from harness.orchestrate._storage import experiment_name
 from harness.orchestrate._searchers import StudySearcher, UnitScheduler, UnitSearch, make_sub_searcher
-from harness.paths import inside, name_problem
+from harness.core.paths import inside, name_problem
 from harness.orchestrate._trial import trainable
-from harness.progress import Progress
-from harness.results import FAILED, FINISHED, STOPPED, ResultStore, atomic_write_bytes
-from harness.search import SearchUnit
-from harness.trials import TrialSpec, trial_identity
+from harness.orchestrate.progress import Progress
+from harness.results.store import FAILED, FINISHED, STOPPED, ResultStore, atomic_write_bytes
+from harness.study.search import SearchUnit
+from harness.study.trials import TrialSpec, trial_identity
 
 EXPERIMENT_PREFIX = "search-"
 SPLIT_KEYS = {"val/images", "val/set_hash", "val/members", "test_split"}  # per trial, not per epoch (no curves)
@@ -92,7 +92,7 @@ def summary_path(store: ResultStore, unit: SearchUnit):
 def read_unit_summary(store: ResultStore, unit: SearchUnit, log=None) -> dict | None:
     """The stored end of a cell's search, when it ended with the budget the study gives it now (and its points
     are the unit's: their trial ids are recomputed from their values, never taken as they are stored)."""
-    from harness.bounded import BoundedReadError, read_json
+    from harness.core.bounded import BoundedReadError, read_json
 
     path = summary_path(store, unit)
     try:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 FORMAT = "fgvc-harness searcher state"
 VERSION = 2
 MAX_BYTES = 16 << 20  # a 10,000-trial search's state is ~5 MB
-MAX_POINTS = 10_000  # a budget is at most 10,000 trials per cell (harness.search.Budget)
+MAX_POINTS = 10_000  # a budget is at most 10,000 trials per cell (harness.study.search_space.Budget)
 
 _ID = r"^[0-9a-f]{12}$"
 _U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
@@ -159,7 +159,7 @@ def _contains(dist, value) -> bool:
 def identity_of(unit, values: object, what: str) -> str:
     """The trial id of a search trial with these stored knob values, once they are checked to be the unit's knobs
     within its distributions (StateError naming `what` when they are not)."""
-    from harness.trials import trial_identity
+    from harness.study.trials import trial_identity
 
     if not isinstance(values, dict) or set(values) != set(unit.knobs):
         raise StateError(f"unit {unit.unit_id}: {what} does not tune the study's knobs {sorted(unit.knobs)}")

@@ -7,7 +7,7 @@ across methods. So:
 - `StudySearcher` (a Tune Searcher) holds one `UnitSearch` per cell, each with its own sub-searcher: Optuna's
   TPE through Tune's OptunaSearch, or `RandomSearcher` (Tune's own sampling of each distribution, seeded).
   It asks the unit with the fewest trials so far for the next configuration, until every unit's budget is
-  spent; when a unit's last search trial ends it picks the unit's best configuration (harness.search.choose_best)
+  spent; when a unit's last search trial ends it picks the unit's best configuration (harness.study.search.choose_best)
   and hands out the unit's final cells (the best retrained on the whole training split for each seed). All of it
   in one experiment, so the slots never wait for the slowest method's search.
 - `UnitScheduler` (a Tune scheduler) keeps an ASHAScheduler per unit, fed only that unit's search trials.
@@ -28,7 +28,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from harness.orchestrate import _searcher_state
-from harness.search import Distribution, SearchConfig, SearchUnit, choose_best
+from harness.study.search_space import Distribution, SearchConfig
+from harness.study.search import SearchUnit, choose_best
 
 STATE_VERSION = _searcher_state.VERSION
 STATE_FILE = "searcher-state-{}.json"  # Tune's name for a searcher's file (Searcher.CKPT_FILE_TMPL), as JSON
@@ -101,7 +102,7 @@ class Point:
     index: int  # its number in the unit's search, from 1
     sub_id: str  # the id its sub-searcher knows it by
     values: dict
-    trial_id: str  # the trial's identity (harness.trials.trial_identity)
+    trial_id: str  # the trial's identity (harness.study.trials.trial_identity)
     state: str = "running"  # running | done | alias (the same configuration as an earlier point: not run again)
     status: str = ""  # finished | stopped | failed | reused (a stored result of the same trial)
     value: float | None = None  # the metric at its last epoch
@@ -280,7 +281,7 @@ class StudySearcher(Searcher):
                 return None
             values = {k: _plain(v) for k, v in values.items()}
             config = unit.unit.search_config(values)
-            from harness.trials import trial_identity
+            from harness.study.trials import trial_identity
 
             point = Point(index=index, sub_id=sub_id, values=values, trial_id=trial_identity(config))
             unit.points.append(point)

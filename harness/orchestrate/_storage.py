@@ -10,7 +10,7 @@ default `runs/<study>/<profile>/ray`):
     timeouts/<trial>                        why a trial was stopped for exceeding train.timeout_s
     .lease                                  the driver using this prefix (StorageLease): one at a time
 
-A URI is shown and stored only without its credentials (`str(storage)` is redacted: harness.escape.redact_uri;
+A URI is shown and stored only without its credentials (`str(storage)` is redacted: harness.core.escape.redact_uri;
 the lease records the command line without them too). Anyone who can write the storage may plant files there, so
 what is read back is bounded (a lease is at most MAX_READ bytes, read from a regular file), only folders with the
 harness's own names are listed (nothing with an escape sequence in its name reaches a log), and a local file the
@@ -32,9 +32,9 @@ import pyarrow.fs as pafs
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from harness.escape import redact_argv, redact_uri
-from harness.paths import name_problem, own_path, refuse_link
-from harness.results import RunLocked
+from harness.core.escape import redact_argv, redact_uri
+from harness.core.paths import name_problem, own_path, refuse_link
+from harness.results.store import RunLocked
 
 METADATA_FILE = ".metadata.json"  # written by ray.train.Checkpoint.set_metadata: {"epoch": n}
 MAX_READ = 64 << 10  # a lease, a timeout marker or checkpoint metadata is a few hundred bytes
@@ -69,7 +69,7 @@ class Storage:
         return redact_uri(self.uri(self.root))
 
     def dirs(self, path: str) -> list[str]:
-        """The folders in `path` whose names the harness could have made (harness.paths' safe-name rule)."""
+        """The folders in `path` whose names the harness could have made (harness.core.paths' safe-name rule)."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         except OSError:
@@ -82,7 +82,7 @@ class Storage:
     def read_text(self, path: str, max_bytes: int = MAX_READ) -> str | None:
         """A small file's text (None when it is absent, unreadable, larger than `max_bytes`, or, on a local
         storage, not a regular file: a FIFO is never opened)."""
-        from harness.bounded import read_bytes
+        from harness.core.bounded import read_bytes
 
         try:
             if self.local:
@@ -278,9 +278,9 @@ class CheckpointStore:
 
 def read_small(fs: pafs.FileSystem, path: str) -> bytes:
     """A small file on the storage: at most MAX_READ bytes (ValueError beyond), and on a local file system a
-    regular file (a FIFO or a device planted there is never opened: harness.bounded)."""
+    regular file (a FIFO or a device planted there is never opened: harness.core.bounded)."""
     if fs.type_name == "local":
-        from harness.bounded import read_bytes
+        from harness.core.bounded import read_bytes
 
         return read_bytes(path, MAX_READ, "storage file")
     with fs.open_input_stream(path) as f:

@@ -19,10 +19,10 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from harness.escape import printable
+from harness.core.escape import printable
 from harness.orchestrate._storage import checkpoint_dirs, read_marker
-from harness.results import FAILED, FINISHED
-from harness.trials import TrialConfig, stored_size
+from harness.results.store import FAILED, FINISHED
+from harness.study.trials import TrialConfig, stored_size
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -87,7 +87,7 @@ def read_checkpoint(candidates: list, log=print) -> dict | None:
     """The state of the first readable checkpoint. One that cannot be read (truncated, corrupt, or holding
     anything but tensors and plain data: it is read with torch.load(weights_only=True)) is skipped with a line
     saying so; with none readable the trial starts from scratch."""
-    from harness.engine import load_checkpoint
+    from harness.engine.loop import load_checkpoint
 
     for i, checkpoint in enumerate(candidates):
         try:
@@ -100,7 +100,7 @@ def read_checkpoint(candidates: list, log=print) -> dict | None:
 
 
 def _report(report, checkpoint_cls, metrics: dict, state: dict | None) -> None:
-    from harness.engine import save_checkpoint
+    from harness.engine.loop import save_checkpoint
 
     metrics = {**metrics, "kind": "epoch"}
     if state is None:
@@ -168,7 +168,7 @@ def trainable(config: dict) -> None:
         return
     try:
         if spec["workers"] == 1:
-            from harness.engine import run_trial
+            from harness.engine.loop import run_trial
 
             cfg = TrialConfig.parse(spec["config"])
             final = run_trial(cfg, _imageset(cfg), _TuneIO(spec["resume_from"]), threads=max(1, int(spec["cpu"])))
@@ -201,9 +201,9 @@ def _run_data_parallel(spec: dict) -> None:
 
 def _train_worker(loop_config: dict) -> None:
     """One Ray Train worker: the engine on its shard, gradients averaged with the other workers."""
-    from harness.distributed import ProcessGroupCollective
-    from harness.engine import run_trial
-    from harness.plugin import TrialDiverged
+    from harness.plugin.distributed import ProcessGroupCollective
+    from harness.engine.loop import run_trial
+    from harness.plugin.method import TrialDiverged
 
     _quiet()
     spec = loop_config["trial"]

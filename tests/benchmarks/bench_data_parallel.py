@@ -28,8 +28,8 @@ import torch.multiprocessing as mp
 
 from harness.data import load_imageset
 from harness.data.synthfg import SynthFGParams
-from harness.distributed import ProcessGroupCollective
-from harness.engine import build_method, run_trial
+from harness.plugin.distributed import ProcessGroupCollective
+from harness.engine.loop import build_method, run_trial
 
 DATA = SynthFGParams(classes=16, train_per_class=50, test_per_class=25)
 METHOD = {"name": "pmg", "stages": 3, "feature_size": 64, "stage_dim": 128, "backbone_lr_scale": 1.0,
@@ -89,7 +89,7 @@ def harness_overhead(epochs: int) -> tuple[float, float, float, float]:
         via_harness = time.perf_counter() - t0
         import pandas as pd
         trial_wall = float(pd.read_parquet(f"{tmp}/runs/one/default/results.parquet")["wall_time_s"].iloc[0])
-        code = ("import json,sys; from harness.engine import run_trial; from harness.data import load_imageset; "
+        code = ("import json,sys; from harness.engine.loop import run_trial; from harness.data import load_imageset; "
                 "from harness.data.synthfg import SynthFGParams; cfg = json.loads(sys.argv[1]); "
                 "f = run_trial(cfg, load_imageset(SynthFGParams(**cfg['dataset']), 72), threads=2); "
                 "print(f['wall_time_s'])")

@@ -1,5 +1,5 @@
 """How often the CI gate cries wolf, and how often it catches a real regression: a simulation through the gate's own
-decision function (harness.gate_rules.judge), with the noise measured on repeated smoke runs, idle and loaded.
+decision function (harness.gate.rules.judge), with the noise measured on repeated smoke runs, idle and loaded.
 
     python -m tests.benchmarks.bench_gate [--baseline baselines/ci_smoke.fp32.json ...] [--worlds 10000]
                                           [--run-seeds 1] [--k K] [--seed 0] [--self-noise]
@@ -32,8 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.gate_rules import (Baseline, BaselineCell, CellRun, Rules, accuracy_sd, judge, loss_sd, pooled_noise,
-                                throughput_log_sd)
+from harness.gate.rules import (Baseline, BaselineCell, CellRun, Rules, accuracy_sd, judge, loss_sd, pooled_noise, throughput_log_sd)
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {"false alarms": 0.01, "10-point drop": 0.95, "2x slowdown": 0.95}

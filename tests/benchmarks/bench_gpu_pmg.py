@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.study.config import TrainConfig
 from methods.pmg import PMG, PMGParams
 
 VARIANTS = {"fp32": (False, False, False), "bf16": (True, False, False),

@@ -3,7 +3,7 @@
     python -m tests.benchmarks.bench_precision [STUDY ...] [--batches 3] [--set KEY=VALUE] [--check RUN_DIR]
 
 For this machine it prints
-1. the CPU: model, torch's kernel capability, whether it has bf16 units (harness.precision), torch threads;
+1. the CPU: model, torch's kernel capability, whether it has bf16 units (harness.engine.precision), torch threads;
 2. the fp32/bf16 time ratio of one training step of each study's most expensive trial (a batch of the study's
    own data through its own method), and the precision `auto` chooses here;
 3. each study's expected wall time in its default profile: every trial's training batches and test passes
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from harness import precision
+from harness.engine import precision
 from harness.data import load_imageset
 from harness.data.imageset import NORMALIZATIONS, BatchPipeline
-from harness.engine import build_method, build_optimizer, set_threads
-from harness.plugin import OptimizerSteps
-from harness.study import load_study
-from harness.trials import TrialConfig, estimated_cost
+from harness.engine.loop import build_method, build_optimizer, set_threads
+from harness.plugin.method import OptimizerSteps
+from harness.study.load import load_study
+from harness.study.trials import TrialConfig, estimated_cost
 
 ROOT = Path(__file__).resolve().parents[2]
 # Measured here (python -m harness.run of the shipped studies): Ray's local start and the prepare task

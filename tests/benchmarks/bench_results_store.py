@@ -13,8 +13,8 @@ import argparse
 import tempfile
 import time
 
-from harness.results import ResultStore
-from harness.trials import TrialSpec
+from harness.results.store import ResultStore
+from harness.study.trials import TrialSpec
 
 
 def fake_trials(n: int) -> list[TrialSpec]:

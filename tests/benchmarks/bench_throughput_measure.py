@@ -5,9 +5,9 @@ CPU-bound processes, each judged by three measures at once.
 
 The measures (issue 25):
 - interleaved: `train/images_per_s_rel`, the median over ~12 windows of training images/s over a reference step timed
-  between the window's batches (harness.reference.ReferenceProbe; what the gate judges);
+  between the window's batches (harness.engine.reference.ReferenceProbe; what the gate judges);
 - before/after: training images/s over the reference network timed before and after the training (the measure up to
-  issue 25, computed here beside the other with harness.reference.reference_throughput);
+  issue 25, computed here beside the other with harness.engine.reference.reference_throughput);
 - CPU per image: `train/cpu_s_per_image`, this process's CPU seconds per training image (blind to a sleep).
 Conditions: idle; `--hogs` busy loops (`while True: pass`, at this process's priority) for the whole trial; and the
 same hogs switched on and off every few seconds (a load that comes and goes: a CI neighbour's build, an editor).
@@ -23,14 +23,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(method: str) -> dict:
-    from harness.study import load_study
+    from harness.study.load import load_study
 
     resolved = load_study(ROOT / "studies" / "ci_smoke.yaml")
     spec = next(t for t in resolved.trials if t.config["method"]["name"] == method)
@@ -74,8 +73,8 @@ class Hogs:
 
 
 def measure(method: str, imageset, hogs: Hogs) -> dict:
-    from harness.engine import run_trial
-    from harness.reference import reference_throughput
+    from harness.engine.loop import run_trial
+    from harness.engine.reference import reference_throughput
 
     config = _config(method)
     with hogs:
@@ -97,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["baseline", "pmg"])
     args = p.parse_args(argv)
     from harness.data import load_imageset
-    from harness.engine import set_threads
-    from harness.trials import TrialConfig
+    from harness.engine.loop import set_threads
+    from harness.study.trials import TrialConfig
 
     set_threads(1)
     cfg = TrialConfig.parse(_config(args.methods[0]))
@@ -138,7 +137,7 @@ def _pooled_sd(groups: list[list[float]]) -> float:
 
 
 def _cpu() -> str:
-    from harness.precision import cpu_info
+    from harness.engine.precision import cpu_info
 
     info = cpu_info()
     return f"{info['cpu_model']} ({info['cpu_capability']})"

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def one_run(hogs: int, slowdown: float, keep: Path | None) -> dict:
-    from harness.gate import measure
-    from harness.precision import cpu_info
+    from harness.gate.cli import measure
+    from harness.engine.precision import cpu_info
 
     work = Path(tempfile.mkdtemp(prefix="gate_noise_", dir=keep))
     env = dict(os.environ)

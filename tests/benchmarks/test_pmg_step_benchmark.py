@@ -7,10 +7,10 @@ S = 3 and 5. The loss and gradients are the same (tests/test_pmg.py); only the c
 import pytest
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.study.config import TrainConfig
 from methods.pmg import PMG, PMGParams
 
 

@@ -5,10 +5,10 @@ the benchmark's extra_info (batch / mean time)."""
 import pytest
 import torch
 
-from harness.backbones import BackboneConfig, build_backbone
-from harness.engine import build_optimizer
-from harness.plugin import OptimizerSteps
-from harness.study import TrainConfig
+from harness.plugin.backbones import BackboneConfig, build_backbone
+from harness.engine.loop import build_optimizer
+from harness.plugin.method import OptimizerSteps
+from harness.study.config import TrainConfig
 from methods.wsdan import WSDAN, WSDANParams
 
 BATCH = 32
