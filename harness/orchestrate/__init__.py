@@ -103,7 +103,10 @@ def start_ray(address: str | None, num_cpus: int | None = None, dashboard: bool 
         _local_token()
         # address="local": always a new local Ray, whatever a killed run left in Ray's temp folder
         # (ray_current_cluster naming a dead cluster would otherwise turn this into a failed connection).
-        with _loopback_only():
+        # Ray starts its workers at niceness 15 by default (RAY_worker_niceness): beside any ordinary process (an
+        # editor, a browser, another experiment) every trial would get a few percent of the CPU. A local run's
+        # workers run at the driver's own priority (the raylet adds this to the niceness it inherits from us).
+        with _loopback_only(), _environ(RAY_worker_niceness="0"):
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
                      logging_level="WARNING", log_to_driver=True, configure_logging=True,
                      _node_ip_address="127.0.0.1")
@@ -235,8 +238,20 @@ def max_concurrent(resolved: ResolvedStudy) -> int:
     return max(1, int(fits))
 
 
-def prepare_datasets(todo, log) -> dict[str, int]:
-    """Each dataset decoded once on a node (not in the driver) before any trial starts; its class count.
+def worker_priority_line(address: str | None, niceness: list[int]) -> str:
+    """What priority the trials run at: the niceness Ray's worker processes reported (the dataset tasks')."""
+    driver = os.nice(0)
+    seen = ", ".join(map(str, niceness)) or "?"
+    if not address:
+        how = "the driver's" if niceness == [driver] else f"not the driver's {driver}: RAY_worker_niceness is set"
+        return f"trials run at niceness {seen} ({how}; Ray's own default is 15, which any other process outruns)"
+    return (f"the cluster's workers run at niceness {seen} (each node's `ray start` decides: Ray's default 15 "
+            "unless RAY_worker_niceness=0 is in its environment); each row records its trial's (`niceness`)")
+
+
+def prepare_datasets(todo, log) -> tuple[dict[str, int], list[int]]:
+    """Each dataset decoded once on a node (not in the driver) before any trial starts; its class count, and the
+    niceness of the worker processes that decoded them (what the trials will run at).
     A trial whose training split is smaller than one batch would train nothing: that is an error too."""
     configs = {dataset_key(spec.config): spec.config for spec in todo}
     t0 = time.perf_counter()
@@ -258,7 +273,8 @@ def prepare_datasets(todo, log) -> dict[str, int]:
                          "; lower train.batch_size or use more training images")
     size = sum(o["bytes"] for o in outcomes.values()) / 2**20
     log(f"{len(outcomes)} dataset(s) ready in the node cache ({size:.0f} MB decoded) in {time.perf_counter() - t0:.1f} s")
-    return {key: o["num_classes"] for key, o in outcomes.items()}
+    niceness = sorted({o["niceness"] for o in outcomes.values() if "niceness" in o})
+    return {key: o["num_classes"] for key, o in outcomes.items()}, niceness
 
 
 def run_study(resolved: ResolvedStudy, run_dir: str | os.PathLike, address: str | None = None,
@@ -350,7 +366,9 @@ def _setup(resolved: ResolvedStudy, run_dir, todo, address: str | None, num_cpus
     requested = sorted({s.config["train"]["precision"] for s in todo})
     log("; ".join(describe_here(r, gpu=resources.gpu > 0) for r in requested) +
         f"; torch threads per trial: {max(1, int(resources.cpu))} (resources.cpu)")
-    num_classes = prepare_datasets(todo, log)
+    num_classes, niceness = prepare_datasets(todo, log)
+    summary.cluster["worker_niceness"] = niceness
+    log(worker_priority_line(address, niceness))
     common = {"workers": resources.workers, "cpu": resources.cpu, "gpu": resources.gpu, "max_retries": max_retries,
               "train_storage": where.uri(checkpoints.train_root),
               "cwd": os.getcwd()}  # the directory relative study paths are read from (harness.orchestrate._trial)
