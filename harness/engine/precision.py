@@ -81,7 +81,7 @@ def cpu_info() -> dict[str, object]:
 def bf16_step_ratio(steps: int = 3, threads: int | None = None) -> float:
     """Measured: fp32 time / bf16 time of a small convolutional training step on this CPU (> 1: bf16 faster).
     About 0.3 s where bf16 is native; where it is emulated a bf16 step takes seconds."""
-    from harness.engine.reference import _network
+    from harness.engine.convnet import reference_network
 
     previous = torch.get_num_threads()
     if threads:
@@ -89,7 +89,7 @@ def bf16_step_ratio(steps: int = 3, threads: int | None = None) -> float:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            net = _network()
+            net = reference_network()
         images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
         best = {}
         for precision in ("fp32", "bf16"):

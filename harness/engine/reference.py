@@ -23,17 +23,12 @@ import time
 import torch
 from torch import nn
 
+from harness.engine.convnet import reference_network
+from harness.engine.precision import autocast
+
 BATCH = 16
 WINDOWS = 12  # reference steps spread over a trial's training: about as many as were timed before and after it
 MEASURE = "interleaved-pairs-v1"  # what train/images_per_s_rel is (recorded in gate baselines)
-
-
-def _network() -> nn.Module:
-    layers, cin = [], 3
-    for cout, stride in ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1), (256, 2)):
-        layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-        cin = cout
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
 
 
 class _Reference:
@@ -44,15 +39,13 @@ class _Reference:
         generator = torch.Generator().manual_seed(0)
         with torch.random.fork_rng(devices=[]):  # the trial's own random state is not touched
             torch.manual_seed(0)
-            self.net = _network().to(self.device)
+            self.net = reference_network().to(self.device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
         self.images = torch.rand(batch, 3, 64, 64, generator=generator).to(self.device)
         self.labels = torch.randint(0, 10, (batch,), generator=generator).to(self.device)
 
     def step(self) -> float:
         """Seconds of one training step of the reference network."""
-        from harness.engine.precision import autocast
-
         t0 = time.perf_counter()
         with autocast(self.device.type, self.precision):
             loss = nn.functional.cross_entropy(self.net(self.images), self.labels)

@@ -22,15 +22,14 @@ import math
 import time
 
 import pyarrow.fs as pafs
-from ray import tune
 
 from harness.orchestrate._callback import TUNE_KEYS, StoreCallback
 from harness.core.escape import printable
 from harness.orchestrate._searcher_state import MAX_BYTES as MAX_STATE_BYTES, StateError, checked_summary
-from harness.orchestrate._storage import experiment_name
+from harness.orchestrate._cluster import max_concurrent
 from harness.orchestrate._searchers import StudySearcher, UnitScheduler, UnitSearch, make_sub_searcher
 from harness.core.paths import inside, name_problem
-from harness.orchestrate._trial import trainable
+from harness.orchestrate._tuner import make_tuner
 from harness.orchestrate.progress import Progress
 from harness.results.store import FAILED, FINISHED, STOPPED, ResultStore, atomic_write_bytes
 from harness.study.search import SearchUnit
@@ -113,8 +112,9 @@ def read_unit_summary(store: ResultStore, unit: SearchUnit, log=None) -> dict | 
         return None
 
 
-def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: int, keep_checkpoints: bool,
-               progress: bool):
+def run_search(resolved, store: ResultStore, summary, setup, options):
+    """The study's search and final cells in one Tune experiment (`options`: harness.orchestrate.RunOptions)."""
+    log = options.log
     plan = resolved.search
     search = plan.config
     study = resolved.study
@@ -257,31 +257,14 @@ def run_search(resolved, store: ResultStore, summary, setup, log, max_retries: i
     log(f"search: {len(pending)} cells to search, {plan.describe()}; up to {budget} search trials, then "
         f"{sum(len(u.seeds) for u in pending)} final cells" + (f" (+{len(finals_todo)} from ended searches)"
                                                                 if finals_todo else ""))
-    from harness.orchestrate import max_concurrent
-
     # As many trials at once as the cluster has slots, and as many pending (Tune keeps one pending trial for a
     # searcher of its own unless a concurrency limit says more: with one, short trials all reuse one node's actor).
-    concurrency = max_concurrent(resolved)
-    if resources.workers == 1:
-        trial_resources = {"cpu": resources.cpu, "gpu": resources.gpu}
-    else:  # the Tune trial only drives its Train run (see harness.orchestrate)
-        trial_resources = {"cpu": 0, "memory": 2**20}
-    callback = SearchCallback(store, specs, current, summary, log, checkpoints, resources.workers, keep_checkpoints,
-                              env.num_classes, Progress(summary.total) if progress else None, env.trackers,
-                              extra=extra)
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, trial_resources),
-        param_space={},
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1, reuse_actors=True,
-                                    max_concurrent_trials=concurrency,
-                                    trial_name_creator=lambda t: t.config["trial"]["trial_id"],
-                                    trial_dirname_creator=lambda t: t.config["trial"]["trial_id"]),
-        run_config=tune.RunConfig(name=experiment_name(EXPERIMENT_PREFIX),
-                                  storage_path=env.where.uri(checkpoints.tune_root),
-                                  failure_config=tune.FailureConfig(max_failures=max_retries),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                                  callbacks=[callback], verbose=0),
-    )
+    callback = SearchCallback(store, specs, current, summary, log, checkpoints, resources.workers,
+                              options.keep_checkpoints, env.num_classes,
+                              Progress(summary.total) if options.progress else None, env.trackers, extra=extra)
+    tuner = make_tuner(resources, env.where.uri(checkpoints.tune_root), options.max_retries, callback,
+                       name_prefix=EXPERIMENT_PREFIX, search_alg=searcher, scheduler=scheduler, num_samples=-1,
+                       max_concurrent_trials=max_concurrent(resolved))
     try:
         tuner.fit()
     except KeyboardInterrupt:

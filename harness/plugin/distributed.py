@@ -89,14 +89,7 @@ class ProcessGroupCollective(Collective):
                     p.grad = torch.zeros_like(p)
                 if nonzero_on_any:  # all zero everywhere: the average is zero, nothing to send
                     grads.append(p.grad)
-        for bucket in _buckets(grads, self.bucket_bytes):
-            flat = torch.cat([g.reshape(-1) for g in bucket])  # one collective per bucket
-            dist.all_reduce(flat)
-            flat.div_(self.world_size)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        self._average_in_place(grads)
         return flags[-1] / self.world_size
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -104,15 +97,18 @@ class ProcessGroupCollective(Collective):
         return tensor
 
     def average_buffers(self, module: nn.Module) -> None:
-        buffers = [b for b in module.buffers() if b.is_floating_point()]
-        for bucket in _buckets(buffers, self.bucket_bytes):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
+        self._average_in_place([b for b in module.buffers() if b.is_floating_point()])
+
+    def _average_in_place(self, tensors: list[torch.Tensor]) -> None:
+        """Every tensor replaced by its mean over the workers: one collective per bucket of flattened tensors."""
+        for bucket in _buckets(tensors, self.bucket_bytes):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
             dist.all_reduce(flat)
             flat.div_(self.world_size)
             offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
