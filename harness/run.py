@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import signal
 import sys
-import time
-from pathlib import Path
 
-import yaml
 
-from harness.core.escape import printable, redact_uri, scrub_data
+from harness.core.escape import printable
 
 EXIT_OK, EXIT_INVALID, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -74,17 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def count_text(resolved) -> str:
-    """What a run holds: its trials, or a search's cells, budget and final cells."""
-    plan = resolved.search
-    if plan is None:
-        return f"{len(resolved.trials)} trials"
-    most = plan.max_search_trials()
-    return (f"{len(plan.units)} cells {plan.describe()}: {f'up to {most}' if most else 'a device-hour budget of'} "
-            f"search trials on a validation split, then {len(resolved.trials)} final cells")
-
-
 def print_trials(resolved) -> None:
+    from harness.api import count_text
     from harness.report.protocol import describe, protocol_markdown
 
     say(f"study {resolved.name}, profile {resolved.profile}: {count_text(resolved)}")
@@ -105,7 +92,6 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from harness.core.paths import UnsafePath, inside
     from harness.study.config import MAX_TRIALS
     from harness.study.errors import StudyError
     from harness.study.load import load_study
@@ -125,55 +111,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print_trials(resolved)
         return EXIT_OK
+    from harness.api import ReportWriteError, execute, peak_rss_mb, prepare_folders
+    from harness.core.paths import UnsafePath
+
     try:  # a second guard behind the safe-name rule of the study loader
-        run_dir = inside(args.runs_dir, resolved.name, resolved.profile)
-        report_dir = inside(args.reports_dir, resolved.name, resolved.profile)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        report_dir.mkdir(parents=True, exist_ok=True)  # found unwritable now, not after the training
+        run_dir, report_dir = prepare_folders(resolved, args.runs_dir, args.reports_dir)
     except (UnsafePath, OSError) as e:
         say(f"cannot run: {_reason(e)}", file=sys.stderr)
         return EXIT_INVALID
 
-    from harness import orchestrate
     from harness.data._decode import DatasetError
-    from harness.report.build import build_reports
-    from harness.results.store import RunLock, RunLocked, atomic_write_bytes
+    from harness.results.store import RunLocked
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    t0 = time.perf_counter()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    options = {"address": args.address, "max_retries": args.max_retries, "num_cpus": args.num_cpus,
+               "keep_checkpoints": args.keep_checkpoints, "storage": args.storage, "loggers": tuple(args.loggers),
+               "log": say, "connect_timeout": args.connect_timeout}
     try:
-        with RunLock(run_dir):
-            study_dump = scrub_data(resolved.study.model_dump(mode="json", exclude={"profiles"}))  # no ${VAR} values
-            atomic_write_bytes(run_dir / "study.yaml", yaml.safe_dump(study_dump, sort_keys=False).encode())
-            say(f"study {resolved.name}, profile {resolved.profile}: {count_text(resolved)} -> {run_dir}/")
-            try:
-                summary = orchestrate.run_study(resolved, run_dir, address=args.address,
-                                                max_retries=args.max_retries, num_cpus=args.num_cpus,
-                                                keep_checkpoints=args.keep_checkpoints, storage=args.storage,
-                                                loggers=args.loggers, log=say, connect_timeout=args.connect_timeout)
-            except KeyboardInterrupt:
-                say("\ninterrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
-                return EXIT_INTERRUPTED
-            except (ValueError, DatasetError, OSError) as e:  # a broken dataset or storage (OSError: ConnectionError
-                say(f"cannot run: {_reason(e)}", file=sys.stderr)  # too), an unreachable cluster, resources it lacks
-                return EXIT_INVALID
-            finally:
-                orchestrate.shutdown()
-            elapsed = time.perf_counter() - t0
-            write_run_metadata(run_dir, args, summary, started, elapsed)
-            try:
-                out = build_reports(run_dir, report_dir)
-            except (OSError, ValueError) as e:
-                say(f"the results are stored in {run_dir}, but the report could not be written: "
-                    f"{_reason(e, '--reports-dir')}\nrebuild it with python -m harness.report {run_dir}",
-                    file=sys.stderr)
-                return EXIT_FAILED
+        summary, out, elapsed = execute(resolved, run_dir, report_dir, options)
+    except KeyboardInterrupt:
+        say("\ninterrupted: finished trials are kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ReportWriteError as e:
+        say(f"the results are stored in {run_dir}, but the report could not be written: "
+            f"{_reason(e.cause, '--reports-dir')}\nrebuild it with python -m harness.report {run_dir}",
+            file=sys.stderr)
+        return EXIT_FAILED
     except (RunLocked, UnsafePath) as e:  # another driver; a .lock planted as a link
         say(f"cannot run: {e}", file=sys.stderr)
         return EXIT_INVALID
-    except OSError as e:  # a full disk, a read-only or unwritable run folder: the path and the fix
-        say(f"cannot run: {_reason(e)}", file=sys.stderr)
+    except (ValueError, DatasetError, OSError) as e:  # a broken dataset or storage (OSError: ConnectionError too), an
+        say(f"cannot run: {_reason(e)}", file=sys.stderr)  # unreachable cluster, resources it lacks, a full disk
         return EXIT_INVALID
     say(f"{len(summary.finished)} trials trained, {summary.skipped} skipped (already finished), "
         f"{len(summary.failed)} failed, in {elapsed:.0f} s; driver peak memory {peak_rss_mb():.0f} MB")
@@ -192,40 +160,6 @@ def _reason(e: Exception, flag: str = "--runs-dir") -> str:
     if isinstance(e, OSError) and e.errno is not None and e.filename and not isinstance(e, FileNotFoundError):
         return write_problem(e, flag)
     return str(e)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports kilobytes)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def write_run_metadata(run_dir: Path, args: argparse.Namespace, summary, started: str, elapsed: float) -> None:
-    """run.json: how this run went and on what (the report shows it beside the tables)."""
-    import json
-    import platform
-    import socket
-
-    from harness.results.store import atomic_write_bytes, versions
-
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
-                if line.startswith("model name")), platform.processor())
-    meta = {"started": started, "wall_time_s": elapsed, "driver_peak_rss_mb": peak_rss_mb(),
-            "trained": len(summary.finished), "failed": len(summary.failed), "skipped": summary.skipped,
-            "interrupted": summary.interrupted, "address": args.address or "local",
-            "storage": redact_uri(args.storage) if args.storage else None,  # an s3 URI may carry its keys
-            "cluster": summary.cluster, "driver_host": socket.gethostname(), "platform": platform.platform(),
-            "cpu": cpu, "cpu_count": os.cpu_count(), **versions()}
-    meta = scrub_data(json.loads(json.dumps(meta, default=str)))  # no credential, no ${VAR}'s value
-    atomic_write_bytes(run_dir / "run.json", json.dumps(meta, indent=1).encode())
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

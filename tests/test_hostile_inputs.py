@@ -194,7 +194,7 @@ def test_run_json_stores_the_storage_uri_without_credentials(tmp_path):
     from argparse import Namespace
 
     from harness.orchestrate import RunSummary
-    from harness.run import write_run_metadata
+    from harness.api import write_run_metadata
 
     args = Namespace(address=None, storage="s3://KEY:SECRET@bucket/x?access_key=K2&secret_key=S2")
     write_run_metadata(tmp_path, args, RunSummary(), "now", 1.0)

@@ -1,7 +1,8 @@
 """Progress while a study runs: a line per running trial (epoch, loss, accuracy so far, elapsed and estimated
 remaining time) and an overall count with an ETA.
 
-On a terminal the block of lines is redrawn in place (ANSI: cursor up, clear to the end); elsewhere (CI,
+On a terminal the block of lines is redrawn in place (ANSI: cursor up, clear to the end); in a Jupyter notebook
+(harness.run_study) the block is one output that is updated in place (IPython's display handle); elsewhere (CI,
 a log file) each update is printed as one plain line when a trial finishes an epoch, so a log reads as a
 history. Finished and failed trials are printed as permanent lines above the block. Labels and messages come
 from study files and trials: their control characters are dropped (harness.core.escape.printable), only the block's
@@ -56,9 +57,15 @@ class Progress:
     _drawn: int = 0
     _start: float = field(default_factory=lambda: time.monotonic())
 
+    _handle: object = None  # a notebook's display handle
+
     def __post_init__(self):
         if self.live is None:
-            self.live = bool(getattr(self.out, "isatty", lambda: False)())
+            self.live = bool(getattr(self.out, "isatty", lambda: False)()) or in_notebook()
+        if self.live and in_notebook():
+            from IPython.display import display
+
+            self._handle = display({"text/plain": self.overall()}, raw=True, display_id=True)
 
     def start(self, trial_id: str, label: str, epochs: int) -> None:
         # A label is study text: no control characters, and one line (a newline would break the block's redraw).
@@ -107,6 +114,8 @@ class Progress:
         print(printable(text), file=self.out, flush=True)
 
     def _clear(self) -> None:
+        if self._handle is not None:
+            return
         if self.live and self._drawn:
             self.out.write(f"\x1b[{self._drawn}F\x1b[J")
             self._drawn = 0
@@ -117,6 +126,22 @@ class Progress:
         self._clear()
         now = time.monotonic()
         lines = [self.overall()] + [t.line(now) for t in self.running.values()]
+        if self._handle is not None:  # one output cell, updated in place
+            self._handle.update({"text/plain": printable("\n".join(lines))}, raw=True)
+            return
         self.out.write("\n".join(lines) + "\n")
         self.out.flush()
         self._drawn = len(lines)
+
+
+def in_notebook() -> bool:
+    """Inside a Jupyter kernel (IPython's ZMQ shell), where the terminal's cursor codes would print as text."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        return type(ipython.get_ipython()).__name__ == "ZMQInteractiveShell"
+    except Exception:  # noqa: BLE001 - any doubt: not a notebook
+        return False
