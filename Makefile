@@ -2,8 +2,8 @@
 #   make run     creates .venv, installs the harness, runs STUDY (default: the PMG ablation)
 #   make test    creates .venv, installs the harness with its test extras, runs the test suite (all but the
 #                tests marked slow: within 5 minutes on a 2-core CPU)
-# CI (.ci/run) runs make test, make test-slow (the slow cluster and end-to-end tests), then make smoke: the smoke
-# study gated against its committed baseline.
+# CI (.ci/run) runs make test, make test-slow (the slow cluster and end-to-end tests), make docs (the site, warnings as
+# errors), then make smoke: the smoke study gated against its committed baseline.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,7 @@ ARGS ?=
 SMOKE_DIR ?= .smoke
 BENCH_STORE := --benchmark-storage=file://baselines/benchmarks
 
-.PHONY: install run test test-slow smoke smoke-baseline bench bench-save bench-check clean
+.PHONY: install run test test-slow smoke smoke-baseline bench bench-save bench-check docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,5 +64,14 @@ bench-check: install
 	$(BIN)/python -m pytest -q tests/benchmarks --benchmark-only $(BENCH_STORE) --benchmark-compare \
 		--benchmark-compare-fail=median:25% --benchmark-columns=min,median,mean,rounds
 
+# The documentation site (docs/, mkdocs.yml): MkDocs with the Material theme, the API reference from the docstrings
+# (mkdocstrings), built with warnings as errors into .site/ (open .site/index.html).
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf runs reports/*/ .pytest_cache .benchmarks $(SMOKE_DIR)
+	rm -rf runs reports/*/ .pytest_cache .benchmarks $(SMOKE_DIR) .site

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 from scipy.stats import binom, binomtest
 
-from harness.report.stats import (ALPHA, LONE, MCNEMAR, NO_SPREAD, ONE_RUN, T_POOLED, compare_column, first_level, holm_after_selection, mcnemar_exact, mcnemar_mde, mcnemar_power, summarize, t_test_mde)
+from harness.report.stats import (ALPHA, LONE, MCNEMAR, NO_SPREAD, ONE_RUN, T_POOLED, compare_column, first_level,
+                                  holm_after_selection, mcnemar_exact, mcnemar_mde, mcnemar_power, summarize,
+                                  t_test_mde)
 from harness.core.records import pack_correct, split_hash, unpack_correct
 from harness.report.tables import paper_table
 

@@ -40,7 +40,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # each time; once per epoch per trial is what we ask for.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # Token authentication stays on (Ray's default since 2.59), said explicitly so Ray does not warn at every
-# start; a multi-node cluster needs the same token on every node (README, "Running on a cluster").
+# start; a multi-node cluster needs the same token on every node (docs/cluster.md).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import logging  # noqa: E402

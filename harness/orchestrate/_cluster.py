@@ -25,7 +25,7 @@ def start_ray(address: str | None, num_cpus: int | None = None, dashboard: bool 
     """Join a cluster, or start a local Ray. `dashboard`: its state API, which Ray Train's placement-group
     cleaner polls (data-parallel trials); 0.8 s more at start here, so single-process studies go without.
 
-    Safety (README, "Safety"): a local Ray listens on 127.0.0.1 only and authenticates with a token of this
+    Safety (docs/safety.md): a local Ray listens on 127.0.0.1 only and authenticates with a token of this
     process's own (RAY_AUTH_TOKEN, never written to disk) unless the environment names one; RAY_AUTH_MODE=disabled
     is honoured with a warning; joining a cluster gives up after `connect_timeout` seconds, naming the address."""
     if ray.is_initialized():

@@ -125,7 +125,7 @@ class StorageLease:
     it is stale: not refreshed for `stale_s` (a driver that died without deleting it), or, on the same host,
     its process is gone. Taking it is write, wait `settle_s`, read back: of two drivers starting together,
     the one whose write landed last keeps it and the other refuses. Staleness compares the holder's clock
-    with ours: machines sharing storage must agree on the time within `stale_s` (README, NFS caveats)."""
+    with ours: machines sharing storage must agree on the time within `stale_s` (docs/cluster.md, NFS caveats)."""
 
     def __init__(self, storage: Storage, prefix: str, run_dir: str | os.PathLike = "", refresh_s: float = 30.0,
                  stale_s: float = 120.0, settle_s: float = 1.0, log=print):

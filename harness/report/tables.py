@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from harness.results.store import FAILED, FINISHED
-from harness.report.stats import (ALPHA, CORRECTION, MCNEMAR, ONE_RUN, POWER, T_POOLED, ColumnResult, Comparison, compare_column, summarize)
+from harness.report.stats import (ALPHA, CORRECTION, MCNEMAR, ONE_RUN, POWER, T_POOLED, ColumnResult, Comparison,
+                                  compare_column, summarize)
 from harness.core.records import unpack_correct
 
 MISSING = "-"

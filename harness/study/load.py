@@ -15,7 +15,8 @@ from harness.core.escape import printable
 from harness.core.paths import name_problem, table_names_problem
 from harness.core.registry import RegistryError, did_you_mean
 from harness.study.errors import StudyError, Where, format_errors
-from harness.study.overrides import (_deep_merge, _interpolate, _yield_to_pipeline, non_finite, parse_override, set_dotted)
+from harness.study.overrides import (_deep_merge, _interpolate, _yield_to_pipeline, non_finite, parse_override,
+                                     set_dotted)
 from harness.study import config
 from harness.study.config import MAX_TRIALS
 

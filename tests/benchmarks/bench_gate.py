@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.gate.rules import (Baseline, BaselineCell, CellRun, Rules, accuracy_sd, judge, loss_sd, pooled_noise, throughput_log_sd)
+from harness.gate.rules import (Baseline, BaselineCell, CellRun, Rules, accuracy_sd, judge, loss_sd, pooled_noise,
+                                throughput_log_sd)
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {"false alarms": 0.01, "10-point drop": 0.95, "2x slowdown": 0.95}
