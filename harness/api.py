@@ -126,7 +126,7 @@ def execute(resolved: "ResolvedStudy", run_dir: Path, report_dir: Path | None, o
         atomic_write_bytes(run_dir / "study.yaml", yaml.safe_dump(study_dump, sort_keys=False).encode())
         log(f"study {resolved.name}, profile {resolved.profile}: {count_text(resolved)} -> {run_dir}/")
         try:
-            summary = orchestrate.run_study(resolved, run_dir, orchestrate.RunOptions(**options))
+            summary = orchestrate.run_study(resolved, run_dir, options=orchestrate.RunOptions(**options))
         finally:
             orchestrate.shutdown()
         elapsed = time.perf_counter() - t0

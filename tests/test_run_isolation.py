@@ -85,7 +85,7 @@ def test_address_gives_up_after_the_connect_timeout_naming_it(tmp_path, monkeypa
 
 
 def test_disabled_authentication_is_said_and_a_readable_token_file_is_made_private(tmp_path, monkeypatch, capsys):
-    from harness.orchestrate import _check_authentication
+    from harness.orchestrate._cluster import _check_authentication
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)

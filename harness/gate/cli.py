@@ -51,7 +51,8 @@ import pandas as pd
 from pydantic import ValidationError
 
 from harness.gate.rules import (MIN_BASELINE_SEEDS, Baseline, CellRun, GateInputError, Rules, judge, pooled_noise)
-from harness.results.store import FINISHED, atomic_write_bytes
+from harness.core.atomic import atomic_write_bytes
+from harness.results.store import FINISHED
 from harness.core.records import unpack_correct
 
 EXIT_OK, EXIT_REGRESSED, EXIT_INVALID = 0, 1, 2

@@ -31,7 +31,8 @@ from harness.orchestrate._searchers import StudySearcher, UnitScheduler, UnitSea
 from harness.core.paths import inside, name_problem
 from harness.orchestrate._tuner import make_tuner
 from harness.orchestrate.progress import Progress
-from harness.results.store import FAILED, FINISHED, STOPPED, ResultStore, atomic_write_bytes
+from harness.core.atomic import atomic_write_bytes
+from harness.results.store import FAILED, FINISHED, STOPPED, ResultStore
 from harness.study.search import SearchUnit
 from harness.study.trials import TrialSpec, trial_identity
 

@@ -23,7 +23,8 @@ import yaml
 from harness.core.escape import (csv_frame, latex, latex_frame, latex_label, markdown_frame, markdown_text, printable)
 from harness.core.paths import inside, name_problem, own_path, table_names_problem, write_problem
 from harness.report.checks import checked_curves, checked_results
-from harness.results.store import FAILED, FINISHED, atomic_write_bytes
+from harness.core.atomic import atomic_write_bytes
+from harness.results.store import FAILED, FINISHED
 from harness.report.search import search_note
 from harness.report.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
 from harness.report.plots import write_plots

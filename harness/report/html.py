@@ -25,7 +25,8 @@ from harness.core.bounded import npz_problem
 from harness.core.escape import printable, redact_uri
 from harness.core.paths import UnsafePath, identity_problem, own_path
 from harness.report.protocol import compare, describe
-from harness.results.store import FAILED, atomic_write_bytes
+from harness.core.atomic import atomic_write_bytes
+from harness.results.store import FAILED
 from harness.report import search as search_report
 from harness.report.tables import LEGEND
 

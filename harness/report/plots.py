@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 from harness.core.escape import (one_line)
 from harness.core.paths import inside
-from harness.results.store import FINISHED, atomic_write_bytes
+from harness.core.atomic import atomic_write_bytes
+from harness.results.store import FINISHED
 from harness.report.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
 
 

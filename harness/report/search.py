@@ -14,7 +14,7 @@ import pandas as pd
 from harness.core.bounded import BoundedReadError, read_json
 from harness.core.escape import markdown_frame, markdown_text, printable
 from harness.core.paths import identity_problem, inside
-from harness.results.store import atomic_write_bytes
+from harness.core.atomic import atomic_write_bytes
 
 MAX_SUMMARY_BYTES = 16 << 20
 
