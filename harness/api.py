@@ -135,7 +135,7 @@ def execute(resolved: "ResolvedStudy", run_dir: Path, report_dir: Path | None, o
         out = None
         if report_dir is not None:
             try:
-                out = build_reports(run_dir, report_dir)
+                out = build_reports(run_dir, report_dir, skip_unchanged=True)
             except (OSError, ValueError) as e:
                 raise ReportWriteError(e, summary, elapsed) from e
     return summary, out, elapsed

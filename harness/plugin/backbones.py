@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -66,6 +65,8 @@ class StagedBackbone(nn.Module):
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
+        import timm  # here, not at the top: a study's validation and a rerun need no timm
+
         kwargs: dict = {}
         if cfg.drop_path_rate:
             kwargs["drop_path_rate"] = cfg.drop_path_rate

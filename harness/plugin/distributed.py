@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from timm.layers import SyncBatchNormAct, convert_sync_batchnorm
 from torch import nn
 
 from harness.plugin.replica_batchnorm import replica_count
@@ -186,8 +185,19 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
         return out.to(input.dtype)
 
 
-class GlooSyncBatchNormAct(SyncBatchNormAct, GlooSyncBatchNorm):
-    """timm's BatchNormAct2d, synchronised (MRO: timm's act/drop after GlooSyncBatchNorm's normalisation)."""
+def __getattr__(name: str):
+    """GlooSyncBatchNormAct is made on first use (it subclasses timm's class, and importing timm costs seconds that
+    a study's validation and a rerun do not need); once made it is an ordinary module attribute, found by name
+    (pickle included)."""
+    if name == "GlooSyncBatchNormAct":
+        from timm.layers import SyncBatchNormAct
+
+        cls = type("GlooSyncBatchNormAct", (SyncBatchNormAct, GlooSyncBatchNorm), {
+            "__doc__": "timm's BatchNormAct2d, synchronised (MRO: timm's act/drop after GlooSyncBatchNorm's "
+                       "normalisation).", "__module__": __name__, "__qualname__": "GlooSyncBatchNormAct"})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def sync_batchnorm(module: nn.Module) -> nn.Module:
@@ -197,10 +207,12 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
         raise ValueError("BatchNorm per replica (PMG's method.bn_replicas) emulates per-GPU statistics in one "
                          "process, and train.sync_bn would make them global: with several workers set "
                          "train.sync_bn: false, or bn_replicas: 1")
+    from timm.layers import SyncBatchNormAct, convert_sync_batchnorm
+
     module = convert_sync_batchnorm(module)
     for m in module.modules():
         if type(m) is SyncBatchNormAct:
-            m.__class__ = GlooSyncBatchNormAct
+            m.__class__ = __getattr__("GlooSyncBatchNormAct")
         elif type(m) is nn.SyncBatchNorm:
             m.__class__ = GlooSyncBatchNorm
     return module

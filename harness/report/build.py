@@ -13,6 +13,8 @@ tables of several runs side by side (compare.md and compare.html).
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from harness.core.escape import (csv_frame, latex, latex_frame, latex_label, mar
 from harness.core.paths import inside, name_problem, own_path, table_names_problem, write_problem
 from harness.report.checks import checked_curves, checked_results
 from harness.core.atomic import atomic_write_bytes
+from harness.core.versions import __version__
 from harness.results.store import FAILED, FINISHED
 from harness.report.search import search_note
 from harness.report.tables import LEGEND, add_references, head_table, is_percent, paper_table  # noqa: F401 - the table API
@@ -152,10 +155,48 @@ def spec_subset(results: pd.DataFrame, spec: dict) -> pd.DataFrame:
     return results[results["grids"].map(lambda g: spec["grid"] in json.loads(g or "[]"))]
 
 
-def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+INPUTS_FILE = ".report-inputs"  # the digest of what the report was last built from (build_reports)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """The report's code: every module and template of harness.report and the escaping it relies on."""
+    h = hashlib.sha256(__version__.encode())
+    here = Path(__file__).parent
+    for path in sorted([*here.glob("*.py"), *here.glob("*.html"), here.parent / "core" / "escape.py"]):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def inputs_digest(run_dir: Path) -> str:
+    """What a report is built from: results.parquet, curves.parquet, study.yaml, the search's summaries and the report
+    code (not run.json, whose wall time changes with every run: a rerun that trains nothing leaves the report as it
+    is, and the page keeps the run that produced its results)."""
+    h = hashlib.sha256(_code_digest().encode())
+    files = [run_dir / name for name in ("results.parquet", "curves.parquet", "study.yaml")]
+    files += sorted((run_dir / "search").glob("*.json")) if (run_dir / "search").is_dir() else []
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        h.update(path.read_bytes() if path.is_file() else b"(none)")
+    return h.hexdigest()
+
+
+def build_reports(run_dir: str | Path, out_dir: str | Path | None = None, skip_unchanged: bool = False) -> Path:
+    """Write the run's report into `out_dir` (default reports/<study>/<profile>). `skip_unchanged` (a run that
+    trained nothing: harness.run): nothing is rewritten when its inputs are what the report there was built from
+    (inputs_digest) and its page and tables exist."""
     run_dir = Path(run_dir)
     study, results, curves = load_run(run_dir)
     out = Path(out_dir) if out_dir else inside("reports", study["name"], study["profile"])
+    digest = inputs_digest(run_dir)
+    marker = out / INPUTS_FILE
+    if skip_unchanged and marker.is_file() and all((out / f).is_file() for f in ("table.md", "index.html", "summary.json")):
+        try:
+            if marker.read_text().strip() == digest:
+                return out
+        except OSError:
+            pass
+    marker.unlink(missing_ok=True)  # a build that stops half-way is never "unchanged"
     axes = study_axes(study)
     out.mkdir(parents=True, exist_ok=True)
     if results.empty:
@@ -212,6 +253,7 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None) -> Pat
     summary = {"trials": len(results), "finished": int((results["status"] == FINISHED).sum()),
                "failed": int((results["status"] == FAILED).sum()), "outside_grid": study.get("_outside_grid", 0)}
     atomic_write_bytes(out / "summary.json", json.dumps(summary).encode())
+    atomic_write_bytes(marker, digest.encode())
     return out
 
 

@@ -157,7 +157,35 @@ def trial_identity(config: dict) -> str:
 
 @functools.lru_cache(maxsize=32)
 def backbone_num_stages(backbone_json: str) -> int:
-    """Stage count of a backbone, built on the meta device (no memory, no weights)."""
+    """Stage count of a backbone, built on the meta device (no memory, no weights), remembered on this machine per
+    timm version (the node cache's backbone_stages.json), so a rerun or a --dry-run need not import timm."""
+    import importlib.metadata
+
+    from harness.core.atomic import atomic_write_bytes
+    from harness.core.bounded import BoundedReadError, read_json
+    from harness.data import cache_dir
+
+    key = f"timm {importlib.metadata.version('timm')}: {backbone_json}"
+    path = cache_dir() / "backbone_stages.json"
+    try:
+        known = read_json(path, 1 << 20, "the backbone stage cache") if path.exists() else {}
+    except (BoundedReadError, OSError, ValueError):
+        known = {}  # unreadable: counted again, and rewritten
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), int) and known[key] > 0:
+        return known[key]
+    stages = _count_stages(backbone_json)
+    known = {k: v for k, v in list(known.items())[-255:]}  # bounded: the newest 256 backbones
+    known[key] = stages
+    try:
+        atomic_write_bytes(path, json.dumps(known, indent=0).encode())
+    except OSError:
+        pass  # a read-only cache costs a rebuild next time, nothing else
+    return stages
+
+
+def _count_stages(backbone_json: str) -> int:
     import timm
     import torch
 
