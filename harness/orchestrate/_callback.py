@@ -61,7 +61,7 @@ class StoreCallback(tune.Callback):
             return
         if self.trackers:
             self.trackers.end(spec, status == FINISHED, metrics)
-        self.store.write_tables(self.all_trials, curves=False)
+        self.store.write_tables_soon(self.all_trials)  # throttled; the run's end writes it whatever happens
         done = self.summary.finished | self.summary.failed
         if trial_id not in done:
             (self.summary.failed if status == FAILED else self.summary.finished).add(trial_id)
