@@ -38,6 +38,8 @@ no energy, or a flat one, counts as uniform (it scores chance, and the box share
 
 from __future__ import annotations
 
+import contextlib
+
 import base64
 import io
 
@@ -48,35 +50,29 @@ from torch import nn
 from harness.plugin.method import Method
 
 
-class _Head(nn.Module):
-    """model(x) -> one head's logits: what pytorch-grad-cam needs."""
-
-    def __init__(self, method: Method, head: str):
-        super().__init__()
-        self.method, self.head = method, head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.predict(x)[self.head]
-
-
 def gradcam(method: Method, images: torch.Tensor, labels: torch.Tensor, stage: int, head: str,
-            normalise: bool = True) -> np.ndarray:
+            normalise: bool = True, autocast=None) -> np.ndarray:
     """Grad-CAM (Selvaraju et al.) of `head` for the true classes on backbone stage `stage`, upsampled to the
-    input size: ReLU(sum_k w_k A_k), w_k = GAP(d score / d A_k), activations and gradients captured by
-    pytorch-grad-cam's hooks. (B, H, W), min-max normalised per image unless `normalise` is False (the raw
-    map, whose energy the localisation score shares out: a 2 x 2 last stage loses a cell to normalisation)."""
-    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
-
+    input size: ReLU(sum_k w_k A_k), w_k = GAP(d score / d A_k). (B, H, W), min-max normalised per image unless
+    `normalise` is False (the raw map, whose energy the localisation score shares out: a 2 x 2 last stage loses a
+    cell to normalisation). The stage's output is captured by a forward hook (as pytorch-grad-cam's
+    ActivationsAndGradients does, its reshape for token layouts included) and its gradient taken with
+    torch.autograd.grad: no parameter gradient is computed or left behind, and nothing of pytorch-grad-cam (which
+    imports scikit-learn) is loaded. `autocast`: the trial's precision context (None: as the model is)."""
     module, reshape = method.backbone.stage_module(stage)
-    capture = ActivationsAndGradients(_Head(method, head), [module], reshape)
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda mod, inputs, output: captured.append(output))
     try:
-        scores = capture(images.detach())
-        method.zero_grad(set_to_none=True)
-        scores.float().gather(1, labels[:, None]).sum().backward()
-        activations, gradients = capture.activations[0].float(), capture.gradients[0].float()
+        with torch.enable_grad(), (autocast() if autocast else contextlib.nullcontext()):
+            scores = method.predict(images.detach())[head]
+        output = captured[0]  # the stage's first pass (a method may run it again, e.g. on a crop)
+        (gradient,) = torch.autograd.grad(scores.float().gather(1, labels[:, None]).sum(), output)
     finally:
-        capture.release()
-        method.zero_grad(set_to_none=True)
+        handle.remove()
+    activations, gradients = output.detach(), gradient
+    if reshape is not None:
+        activations, gradients = reshape(activations), reshape(gradients)
+    activations, gradients = activations.float(), gradients.float()
     cam = torch.relu((gradients.mean((2, 3), keepdim=True) * activations).sum(1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
     cam = cam[:, 0].cpu().numpy()
@@ -246,7 +242,7 @@ CLASS_MEANS = ("pointing", "chance", "center")  # the pointing game averages ove
 IMAGE_MEANS = ("energy", "energy_raw", "pointing_strict", "box_share")  # Score-CAM and ours over images
 
 
-def localisation_scores(method: Method, pipeline, collective=None) -> dict:
+def localisation_scores(method: Method, pipeline, collective=None, autocast=None) -> dict:
     """The localisation scores of the module docstring over every test image of a pipeline that carries boxes
     (summed over the workers' shares), with the map they score (`loc/map`, `loc/map_side`)."""
     name, stage, head, side = localisation_target(method, pipeline.image_size)
@@ -258,7 +254,7 @@ def localisation_scores(method: Method, pipeline, collective=None) -> dict:
     method.eval()
     try:
         for images, labels, boxes in pipeline.batches():
-            maps = gradcam(method, images, labels, stage, head, normalise=False)
+            maps = gradcam(method, images, labels, stage, head, normalise=False, autocast=autocast)
             scores = localisation(maps, boxes.cpu().numpy(), tolerance)
             valid = ~np.isnan(scores["pointing"])
             y = labels.cpu().numpy()[valid]

@@ -296,6 +296,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         if train.reference_workload and start_epoch < train.epochs else None
     n_params = sum(p.numel() for p in method.parameters())
     metrics: dict = history[-1] if history else {}
+    start_time, eval_time = time.perf_counter() - wall_start, 0.0  # what the trial spends before its first batch
     for epoch in range(start_epoch, train.epochs):
         factor = lr_factor(train, epoch)
         for group in optimizer.param_groups:
@@ -337,11 +338,13 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         if held_out is not None:  # a search trial ASHA may stop after any epoch: its cost so far, in every epoch
             metrics.update({"cpu_time_s": time.process_time() - cpu_start,
                             "wall_time_s": time.perf_counter() - wall_start})
+        t0 = time.perf_counter()
         if epoch + 1 == train.epochs and held_out is None:  # the last test also keeps each test image's outcome
             scores, last_correct = evaluate(method, test_pipe, autocast, collective=collective, per_image=True)
             metrics.update(scores)
         elif train.evaluates(epoch + 1) or held_out is not None:  # ASHA reads every search epoch
             metrics.update(evaluate(method, test_pipe, autocast, prefix=prefix, collective=collective))
+        eval_time += time.perf_counter() - t0
         history.append(metrics)
         checkpoint = None
         if collective.is_primary:
@@ -354,6 +357,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
         io.report({**metrics, **split_record}, checkpoint)
 
     final = dict(metrics)
+    t0 = time.perf_counter()
     if held_out is not None:  # a search trial: its validation scores and which images those were; no test
         if "val/acc" not in final:  # resumed after the last epoch
             final.update(evaluate(method, test_pipe, autocast, prefix="val", collective=collective))
@@ -362,6 +366,7 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
     else:
         final.update(_test_record(method, imageset, cfg, test_pipe, autocast, collective, last_correct, history,
                                   shard, device, mean, std))
+    record_time = time.perf_counter() - t0  # the test record: flips, localisation, maps (each also on its own)
     final.update(inference_complexity(method, train.image_size, device))
     final.update(method.extra_metrics())
     if probe:  # interleaved with the training: a load that comes and goes weighs on both alike
@@ -371,6 +376,11 @@ def run_trial(config: TrialConfig | dict, imageset: ImageSet, io: TrialIO | None
                   # work costs, which another process's load moves little (a sleep, though, does not show in it)
                   "train/cpu_s_per_image": train_cpu / max(images_seen, 1),
                   "wall_time_s": time.perf_counter() - wall_start, "optimizer_steps": steps.count,
+                  # where the trial's time went (this run of it; a resumed trial's earlier epochs are not in it):
+                  # before the first batch, training, the epochs' evaluations, the final test record
+                  "time/start_s": start_time, "time/train_s": sum(h["train/epoch_time_s"] for h in history
+                                                                   if h["epoch"] > start_epoch),
+                  "time/eval_s": eval_time, "time/record_s": record_time,
                   # CPU seconds of this process (all its threads): the trial's cost, whatever else loads the machine
                   "cpu_time_s": time.process_time() - cpu_start,
                   "params": n_params, "device": device.type, "device_name": device_name(device),
@@ -401,9 +411,13 @@ def _test_record(method: Method, imageset: ImageSet, cfg: TrialConfig, test_pipe
     if test_boxes is not None:  # where the primary head looks, against the true discriminative region
         located = BatchPipeline(imageset.test, train.image_size, max(1, eval_batch // world), train=False,
                                 boxes=test_boxes, **shard)
-        final.update(localisation_scores(method, located, collective))
+        t0 = time.perf_counter()
+        final.update(localisation_scores(method, located, collective, autocast))  # in the trial's precision
+        final["time/localisation_s"] = time.perf_counter() - t0
     if cfg.report.maps and collective.is_primary:
+        t0 = time.perf_counter()
         final["maps"] = fixed_image_maps(method, imageset, train.image_size, cfg.report.maps, device, mean, std)
+        final["time/maps_s"] = time.perf_counter() - t0
     return final
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -168,10 +169,14 @@ def trainable(config: dict) -> None:
         return
     try:
         if spec["workers"] == 1:
+            started = time.perf_counter()
             from harness.engine.loop import run_trial
 
             cfg = TrialConfig.parse(spec["config"])
-            final = run_trial(cfg, _imageset(cfg), _TuneIO(spec["resume_from"]), threads=max(1, int(spec["cpu"])))
+            imageset = _imageset(cfg)
+            setup = time.perf_counter() - started  # the engine's import (a fresh worker's) and the dataset's mapping
+            final = run_trial(cfg, imageset, _TuneIO(spec["resume_from"]), threads=max(1, int(spec["cpu"])))
+            final["time/start_s"] = final.get("time/start_s", 0.0) + setup
             tune.report({**final_record(final), **_where()})
         else:
             _run_data_parallel(spec)

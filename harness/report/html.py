@@ -138,6 +138,23 @@ def precision_summary(results: pd.DataFrame) -> str:
     return text + ("; the trials mix precisions" if len(counts) > 1 else "")
 
 
+TIME_PARTS = {"time/start_s": "start (imports, data, model)", "time/train_s": "training",
+              "time/eval_s": "evaluations", "time/record_s": "test record (flips, localisation, maps)"}
+
+
+def time_summary(results: pd.DataFrame) -> str:
+    """Where the finished trials' time went, summed over them (each row's time/* columns, harness.engine.loop):
+    the overhead around the training is visible beside it."""
+    cols = [c for c in TIME_PARTS if c in results]
+    if not cols:
+        return "? (trials from before the harness recorded it)"
+    ok = results[results["status"] == "finished"]
+    sums = {c: float(pd.to_numeric(ok[c], errors="coerce").sum()) for c in cols}
+    total = sum(sums.values())
+    parts = ", ".join(f"{TIME_PARTS[c]} {v:.0f} s ({100 * v / total:.0f}%)" for c, v in sums.items()) if total else ""
+    return f"{total:.0f} s in all: {parts}" if parts else "?"
+
+
 def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str) -> list[tuple[str, str]]:
     meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     first = results.iloc[0] if len(results) else pd.Series(dtype=object)
@@ -154,6 +171,7 @@ def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str)
                 f"{cluster.get('gpus', '?')} GPUs {', '.join(cluster.get('gpu_types', []))}" if cluster else
                 "; no cluster started by the last run (it trained nothing)")),
             ("precision", precision_summary(results)),
+            ("time in the trials", time_summary(results)),
             ("CPUs of the trials", ", ".join(sorted({f"{r['cpu_model']} ({r['cpu_capability']}, "
                                                     f"{'bf16 units' if r['cpu_bf16'] else 'no bf16 units'}, "
                                                     f"{r['threads']:.0f} torch threads)"
