@@ -69,3 +69,51 @@ def test_every_method_has_maps(name):
                 "wsdan": {"attention (mean)", "crop box"}, "racnn": {"region scale2", "region scale3"},
                 "pmg": {"gradcam combined", "gradcam stage3"}, "mksmt": {"gradcam S4", "gradcam S3"}}
     assert expected.get(name, set()) <= set(maps)
+
+
+def test_gradcam_and_guided_backprop_equal_pytorch_grad_cams():
+    """The harness computes Grad-CAM with its own hook and torch.autograd.grad, and guided backpropagation with its
+    own ReLU (pytorch-grad-cam's package imports scikit-learn: seconds in every worker): the same maps as the
+    library's ActivationsAndGradients and GuidedBackpropReLUasModule on the same model and images."""
+    pytest.importorskip("pytorch_grad_cam")
+    import numpy as np
+    import torch
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+    from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUasModule
+    from pytorch_grad_cam.utils.find_layers import replace_all_layer_type_recursive
+
+    from harness.engine.explain import gradcam, input_gradient
+
+    torch.manual_seed(0)
+    cls = METHODS.get("baseline")
+    backbone = build_backbone(BackboneConfig(name="resnet18", kwargs={"channels": [8, 8, 16, 16], "stem_width": 8}))
+    method = cls(backbone, 5, cls.Params()).eval()
+    images, labels = torch.rand(3, 3, 32, 32), torch.tensor([0, 2, 4])
+    stage = -2
+    module, reshape = method.backbone.stage_module(stage)
+
+    class Head(torch.nn.Module):
+        def forward(self, x):
+            return method.predict(x)[method.primary_head]
+
+    capture = ActivationsAndGradients(Head(), [module], reshape)
+    scores = capture(images)
+    method.zero_grad()
+    scores.gather(1, labels[:, None]).sum().backward()
+    a, g = capture.activations[0], capture.gradients[0]
+    capture.release()
+    theirs = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+    theirs = torch.nn.functional.interpolate(theirs, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    method.zero_grad(set_to_none=True)
+    ours = gradcam(method, images, labels, stage, method.primary_head, normalise=False)
+    assert np.allclose(ours, theirs.numpy(), atol=1e-6)
+    assert all(p.grad is None for p in method.parameters())  # no parameter gradient computed
+    method.zero_grad(set_to_none=True)
+    ours = input_gradient(method, images, labels, method.primary_head, "guided")
+    replace_all_layer_type_recursive(method, torch.nn.ReLU, GuidedBackpropReLUasModule())
+    x = images.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(method.predict(x)[method.primary_head].gather(1, labels[:, None]).sum(), x)
+    theirs = grad.abs().sum(1).numpy()
+    theirs = (theirs - theirs.reshape(3, -1).min(1)[:, None, None]) / (
+        theirs.reshape(3, -1).max(1)[:, None, None] - theirs.reshape(3, -1).min(1)[:, None, None] + 1e-12)
+    assert np.allclose(ours, theirs, atol=1e-5)

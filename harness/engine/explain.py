@@ -2,11 +2,13 @@
 
 Maps, for the trial's first `report.maps` test images (the same images for every trial of a study: the
 test split's order is fixed), each (N, H, W) in [0, 1] at the input size:
-- `gradcam ...`: Grad-CAM (pytorch-grad-cam's activation and gradient hooks) of every target the method names (`Method.explain_targets`:
-  by default the primary head on the last stage; PMG every stage head, MKSMT S3 and S4), and the map the
-  localisation scores (below) when it is not one of them;
+- `gradcam ...`: Grad-CAM of every target the method names (`Method.explain_targets`: by default the primary head
+  on the last stage; PMG every stage head, MKSMT S3 and S4), and the map the localisation scores (below) when it is
+  not one of them (a forward hook and torch.autograd.grad, as pytorch-grad-cam's hooks: tests/test_explain.py
+  checks them against it);
 - `cam`: the class activation map of a head on global average pooling (`Method.class_activation_map`);
-- `guided gradcam`: guided backpropagation (pytorch-grad-cam's GuidedBackpropReLU) times Grad-CAM;
+- `guided gradcam`: guided backpropagation (Springenberg et al.: pytorch-grad-cam's GuidedBackpropReLU) times
+  Grad-CAM;
 - `deconvnet`: Zeiler and Fergus's view: the class score's gradient at the input with every ReLU's
   backward replaced by a ReLU of the gradient (nn.ReLU modules; functional ReLUs keep theirs);
 - the method's own (`Method.explanations`): WS-DAN's attention maps and crop box, the attention
@@ -96,20 +98,47 @@ class _DeconvReLUModule(nn.Module):
         return _DeconvReLU.apply(x)
 
 
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU forward; backward passes the gradient only where both the input and the gradient are positive
+    (guided backpropagation, Springenberg et al.; pytorch-grad-cam's GuidedBackpropReLU, which
+    tests/test_explain.py checks this against)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0).to(grad.dtype) * (grad > 0).to(grad.dtype)
+
+
+class _GuidedReLUModule(nn.Module):
+    def forward(self, x):
+        return _GuidedReLU.apply(x)
+
+
+def _replace_modules(module: nn.Module, kind: type, make) -> None:
+    """Every submodule of type `kind` replaced, in place, by `make()`."""
+    for name, child in module.named_children():
+        if isinstance(child, kind):
+            setattr(module, name, make())
+        else:
+            _replace_modules(child, kind, make)
+
+
 def input_gradient(method: Method, images: torch.Tensor, labels: torch.Tensor, head: str, kind: str) -> np.ndarray:
     """|d score / d input| summed over channels, (B, H, W) in [0, 1], with every nn.ReLU's backward made
     guided (kind "guided") or deconvnet's ("deconv")."""
-    from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUasModule
-    from pytorch_grad_cam.utils.find_layers import replace_all_layer_type_recursive
-
-    replacement = GuidedBackpropReLUasModule() if kind == "guided" else _DeconvReLUModule()
-    replace_all_layer_type_recursive(method, nn.ReLU, replacement)
+    replacement = _GuidedReLUModule if kind == "guided" else _DeconvReLUModule
+    _replace_modules(method, nn.ReLU, replacement)
     try:
         x = images.detach().clone().requires_grad_(True)
         scores = method.predict(x)[head].gather(1, labels[:, None]).sum()
         grad, = torch.autograd.grad(scores, x)
     finally:
-        replace_all_layer_type_recursive(method, type(replacement), nn.ReLU())
+        _replace_modules(method, replacement, nn.ReLU)
     return _unit(grad.abs().sum(1).float().cpu().numpy())
 
 
