@@ -112,9 +112,15 @@ def _json(value: Any) -> str:
 
 @functools.lru_cache(maxsize=None)
 def schema_defaults(model: type[BaseModel]) -> dict[str, str]:
-    """Each optional field's default, as JSON (what a resolved config holds when the study leaves it out)."""
-    return {name: _json(f.get_default(call_default_factory=True)) for name, f in model.model_fields.items()
-            if not f.is_required()}
+    """Each optional field's default, as JSON (what a resolved config holds when the study leaves it out). A field
+    added with a default that computes something new names, as `identity_default` in its json_schema_extra, the
+    value configs meant before it existed: that value stays out of identities (old results stay valid under it)
+    and the new default enters them (synthfg's `render`: 2 before, 3 now)."""
+    def default(f) -> Any:
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        return extra["identity_default"] if "identity_default" in extra else f.get_default(call_default_factory=True)
+
+    return {name: _json(default(f)) for name, f in model.model_fields.items() if not f.is_required()}
 
 
 def identity_config(config: dict) -> dict:
