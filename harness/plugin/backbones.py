@@ -22,7 +22,9 @@ class BackboneConfig(ConfigModel):
     name: str = Field("resnet18", description="any timm model that supports features_only; with pretrained "
                                               "weights, name them: resnet50.tv_in1k, not resnet50")
     pretrained: bool | str = Field(False, description="false: random init; true: the hub weights of the tagged "
-                                                       "name; a path: weights from that local file")
+                                                       "name; synthfg-in: trained on synthfg's source domain, "
+                                                       "built once per machine (harness.plugin.pretrained); a path: "
+                                                       "weights from that local file")
     out_indices: list[int] | None = Field(None, description="timm feature stages to expose (default: all)")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     stem_pooled: bool = Field(False, description="the first stage is the stem after its max pool (stride 4, "
@@ -34,6 +36,10 @@ class BackboneConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _weights_are_named(self) -> "BackboneConfig":
+        from harness.plugin.pretrained import is_named_source, resolve_pin
+
+        if is_named_source(self.pretrained):  # pinned to this machine's build: its hash enters trial identities
+            self.pretrained = resolve_pin(self.name, self.kwargs, self.pretrained)
         if self.pretrained is True:
             from harness.plugin.weights import untagged_weights_error
 
@@ -72,7 +78,12 @@ class StagedBackbone(nn.Module):
             kwargs["drop_path_rate"] = cfg.drop_path_rate
         kwargs.update(cfg.kwargs)
         pretrained = cfg.pretrained
-        if isinstance(pretrained, str):
+        from harness.plugin.pretrained import is_named_source, weights_file
+
+        if is_named_source(pretrained):  # built on this node if it lacks it; refused if its build differs
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file(cfg.name, cfg.kwargs, pretrained))}
+            pretrained = True
+        elif isinstance(pretrained, str):
             path = Path(pretrained).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"backbone.pretrained: no weights file at {path}; give a path to a "
@@ -133,7 +144,7 @@ class StagedBackbone(nn.Module):
 
     def stage_module(self, stage: int):
         """(module whose output is stage `stage`'s map, a reshape to (B, C, H, W) for channels-last outputs):
-        the target layer Grad-CAM hooks (harness.engine.explain)."""
+        the target layer Grad-CAM hooks (harness.engine.loop.explain)."""
         stage %= self.num_stages
         to_nchw = (lambda t: t.permute(0, 3, 1, 2))  # noqa: E731
         if self._return_layers is not None:

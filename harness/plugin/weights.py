@@ -38,6 +38,10 @@ def ensure_weights(name: str, pretrained: bool | str) -> str:
     and online). Empty for random init. Raises WeightsError with the tag, where they were looked for, and the fix."""
     if pretrained is False:
         return ""
+    from harness.plugin.pretrained import cached_file, is_named_source
+
+    if is_named_source(pretrained):  # resolved, and so built, with the study (harness.plugin.pretrained)
+        return str(cached_file(name, pretrained) or f"{pretrained} (built on first use)")
     if isinstance(pretrained, str):
         path = Path(pretrained).expanduser()
         if not path.is_file():

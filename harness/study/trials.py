@@ -38,7 +38,7 @@ class TrialSpec:
     config: dict  # {"method", "dataset", "backbone", "train", "seed"}: plain JSON data
     axes: dict[str, Any] = field(default_factory=dict)  # grid axis (dotted) -> value
     grids: list[str] = field(default_factory=list)  # the named grids this trial belongs to
-    kind: str = "final"  # "final": a table cell; "search": a trial of a study's search (harness.study.search)
+    kind: str = "final"  # "final": a table cell; "search": a trial of a study's search (harness.study.config.search)
     title: str = ""  # a label of its own (a search trial's: its cell and its number in the search)
 
     @property
@@ -59,7 +59,7 @@ class TrialConfig:
     train: TrainConfig
     seed: int
     report: ReportConfig = field(default_factory=ReportConfig)  # what the trial stores for the report
-    # A search trial's validation split (harness.study.search): it trains on the rest of the training split, is scored
+    # A search trial's validation split (harness.study.config.search): it trains on the rest of the training split, is scored
     # on this, and never sees the test split. None: a table cell (the whole training split, the test split).
     validation: ValidationConfig | None = None
 
@@ -85,7 +85,7 @@ def stored_size(config_or_train: dict) -> int:
 class ResolvedStudy:
     study: Study
     trials: list[TrialSpec]  # with `search:`, the untuned cells (their search units: `search`)
-    search: Any = None  # harness.study.search.SearchPlan of a study with `search:`
+    search: Any = None  # harness.study.config.search.SearchPlan of a study with `search:`
 
     @property
     def name(self) -> str:
@@ -112,9 +112,15 @@ def _json(value: Any) -> str:
 
 @functools.lru_cache(maxsize=None)
 def schema_defaults(model: type[BaseModel]) -> dict[str, str]:
-    """Each optional field's default, as JSON (what a resolved config holds when the study leaves it out)."""
-    return {name: _json(f.get_default(call_default_factory=True)) for name, f in model.model_fields.items()
-            if not f.is_required()}
+    """Each optional field's default, as JSON (what a resolved config holds when the study leaves it out). A field
+    added with a default that computes something new names, as `identity_default` in its json_schema_extra, the
+    value configs meant before it existed: that value stays out of identities (old results stay valid under it)
+    and the new default enters them (synthfg's `render`: 2 before, 3 now)."""
+    def default(f) -> Any:
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        return extra["identity_default"] if "identity_default" in extra else f.get_default(call_default_factory=True)
+
+    return {name: _json(default(f)) for name, f in model.model_fields.items() if not f.is_required()}
 
 
 def identity_config(config: dict) -> dict:
