@@ -41,10 +41,9 @@ smoke: install
 	$(BIN)/python -m harness.gate $(SMOKE_DIR)/runs/ci_smoke/default 'baselines/ci_smoke.{precision}.json' \
 		--junit $(SMOKE_DIR)/junit.xml
 
-# Record the baseline of this machine's precision: the smoke study over 5 seeds in a fresh directory, written as
-# baselines/ci_smoke.<precision>.json (commit it when a change is meant to move the numbers). On a CPU with bf16 units
-# run it a second time as an AVX2-only machine for the fp32 one (the same config, so the same config hash):
-# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 make smoke-baseline
+# Record the baseline: the smoke study over 5 seeds in a fresh directory, written as baselines/ci_smoke.fp32.json (the
+# smoke study trains in fp32 on every machine; commit the file when a change is meant to move the numbers). Then measure
+# the gate's noise on this machine, idle and loaded: python -m tests.benchmarks.gate_noise (docs/gate.md).
 smoke-baseline: install
 	rm -rf $(SMOKE_DIR)/baseline
 	$(BIN)/python -m harness.run studies/ci_smoke.yaml --set "seeds=[0,1,2,3,4]" --runs-dir $(SMOKE_DIR)/baseline/runs \

@@ -12,4 +12,6 @@ __version__ = "0.1.0"
 # 6: Residual Attention as its prototxt (2r lowest units, bias-free head, stages 1-3), test/acc_best at the primary
 #    head's best epoch, localisation by the literature's definitions on a stage that resolves parts, synthfg's
 #    targets every separating part, GAIN_ext on a fraction of images, RA-CNN's VGG fc layers and APN pre-training
-MATH_VERSION = 6
+# 7: localisation in the trial's precision (bf16 trials' scores move; fp32's are the same to the bit), the
+#    throughput measure interleaved with the training (train/images_per_s_rel), synthfg render 3 the default
+MATH_VERSION = 7
