@@ -51,9 +51,9 @@ def test_a_new_field_with_a_default_keeps_identities_and_results(tiny_study, tmp
                             warmup_epochs=(int, Field(0, ge=0, description="added later")))
     import harness.study.config
     import harness.study.trials
-    monkeypatch.setattr(harness.study.config.trials, "TrainConfig", upgraded)
-    monkeypatch.setattr(harness.study.load.config, "Study", create_model(
-        "Study", __base__=harness.study.load.config.Study, train=(upgraded, Field(default_factory=upgraded))))
+    monkeypatch.setattr(harness.study.trials, "TrainConfig", upgraded)
+    monkeypatch.setattr(harness.study.config, "Study", create_model(
+        "Study", __base__=harness.study.config.Study, train=(upgraded, Field(default_factory=upgraded))))
     after = load_study(tiny_study).trials
     assert "warmup_epochs" in after[0].config["train"]  # the field is there, at its default
     assert [t.trial_id for t in after] == [t.trial_id for t in before]
@@ -72,7 +72,7 @@ def test_operational_knobs_are_not_part_of_the_identity(tiny_study):
 def test_identity_depends_on_the_math_version(monkeypatch):
     config = load_study_config()
     a = trial_identity(config)
-    monkeypatch.setattr("harness.study.config.trials.MATH_VERSION", 999)
+    monkeypatch.setattr("harness.study.trials.MATH_VERSION", 999)
     assert trial_identity(config) != a
 
 
