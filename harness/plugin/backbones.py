@@ -144,7 +144,7 @@ class StagedBackbone(nn.Module):
 
     def stage_module(self, stage: int):
         """(module whose output is stage `stage`'s map, a reshape to (B, C, H, W) for channels-last outputs):
-        the target layer Grad-CAM hooks (harness.engine.loop.explain)."""
+        the target layer Grad-CAM hooks (harness.engine.explain)."""
         stage %= self.num_stages
         to_nchw = (lambda t: t.permute(0, 3, 1, 2))  # noqa: E731
         if self._return_layers is not None:

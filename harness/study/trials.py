@@ -38,7 +38,7 @@ class TrialSpec:
     config: dict  # {"method", "dataset", "backbone", "train", "seed"}: plain JSON data
     axes: dict[str, Any] = field(default_factory=dict)  # grid axis (dotted) -> value
     grids: list[str] = field(default_factory=list)  # the named grids this trial belongs to
-    kind: str = "final"  # "final": a table cell; "search": a trial of a study's search (harness.study.config.search)
+    kind: str = "final"  # "final": a table cell; "search": a trial of a study's search (harness.study.search)
     title: str = ""  # a label of its own (a search trial's: its cell and its number in the search)
 
     @property
@@ -59,7 +59,7 @@ class TrialConfig:
     train: TrainConfig
     seed: int
     report: ReportConfig = field(default_factory=ReportConfig)  # what the trial stores for the report
-    # A search trial's validation split (harness.study.config.search): it trains on the rest of the training split, is scored
+    # A search trial's validation split (harness.study.search): it trains on the rest of the training split, is scored
     # on this, and never sees the test split. None: a table cell (the whole training split, the test split).
     validation: ValidationConfig | None = None
 
@@ -85,7 +85,7 @@ def stored_size(config_or_train: dict) -> int:
 class ResolvedStudy:
     study: Study
     trials: list[TrialSpec]  # with `search:`, the untuned cells (their search units: `search`)
-    search: Any = None  # harness.study.config.search.SearchPlan of a study with `search:`
+    search: Any = None  # harness.study.search.SearchPlan of a study with `search:`
 
     @property
     def name(self) -> str:
