@@ -113,7 +113,8 @@ class MKSMT(Method):
                 out[name] = (vector, self.outputs[name](vector))
         return out
 
-    def _kd(self, student: tuple[torch.Tensor, torch.Tensor], teacher: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _kd(self, student: tuple[torch.Tensor, torch.Tensor],
+            teacher: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         p = self.params
         index = 0 if p.distillation == "feature" else 1  # OPM vectors or logits
         return distillation_loss(student[index], teacher[index], p.temperature, p.distillation, p.detach_teacher)

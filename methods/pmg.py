@@ -109,7 +109,8 @@ def jigsaw(images: torch.Tensor, n: int, generator: torch.Generator | None = Non
     out = torch.empty_like(images)
     for dst, s in enumerate(src):  # n^2 strided copies of (B, C, bh, bw)
         (di, dj), (si, sj) = divmod(dst, n), divmod(s, n)
-        out[:, :, di * bh:(di + 1) * bh, dj * bw:(dj + 1) * bw] = images[:, :, si * bh:(si + 1) * bh, sj * bw:(sj + 1) * bw]
+        out[:, :, di * bh:(di + 1) * bh, dj * bw:(dj + 1) * bw] = images[:, :, si * bh:(si + 1) * bh,
+                                                                         sj * bw:(sj + 1) * bw]
     return out
 
 

@@ -151,7 +151,8 @@ class WSDAN(Method):
         matrix = bilinear_attention_pooling(features.to(dtype), maps.to(dtype))
         return self.fc(matrix * self.params.logit_scale), matrix, maps
 
-    def center_loss(self, matrix: torch.Tensor, labels: torch.Tensor, steps: OptimizerSteps | None = None) -> torch.Tensor:
+    def center_loss(self, matrix: torch.Tensor, labels: torch.Tensor,
+                    steps: OptimizerSteps | None = None) -> torch.Tensor:
         """Sum of squared differences to the L2-normalised class centres / batch size; updates the centres.
 
         The update is a sum over the batch's images, so with several workers their updates are summed

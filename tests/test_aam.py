@@ -74,7 +74,8 @@ def test_even_k_is_rejected():
 def test_inference_complexity_leaves_out_training_state():
     from harness.engine.complexity import inference_complexity
     with_centers, plain = make(module="se", loss="center"), make(module="se", loss="ce")
-    assert inference_complexity(with_centers, 32)["inference/params"] == inference_complexity(plain, 32)["inference/params"]
+    assert (inference_complexity(with_centers, 32)["inference/params"]
+            == inference_complexity(plain, 32)["inference/params"])
     assert inference_complexity(plain, 32)["inference/params"] == sum(p.numel() for p in plain.parameters())
 
 

@@ -25,7 +25,8 @@ def test_run_study_returns_the_same_rows_as_the_command_line(tiny_run, tmp_path)
                                   cli_rows[key].sort_values("trial_id").reset_index(drop=True))
     assert (results.report_dir / "index.html").exists() and "table" in results.tables
     assert set(results.curves["trial_id"]) == set(rows["trial_id"])
-    again = harness.run_study(study, profile="fast", overrides=["grid.method.stages=[1, 2]", "grid.method.jigsaw=[true]"],
+    again = harness.run_study(study, profile="fast",
+                              overrides=["grid.method.stages=[1, 2]", "grid.method.jigsaw=[true]"],
                               runs_dir=tmp_path / "runs", reports_dir=tmp_path / "reports", num_cpus=2)
     assert again.summary.skipped == 2 and not again.summary.finished  # a rerun trains nothing
 

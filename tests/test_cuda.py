@@ -44,7 +44,8 @@ def test_batches_travel_as_pinned_uint8_and_match_the_cpu_pipeline(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", spy)
-    gpu = list(BatchPipeline(split, 8, 8, train=True, padding=1, device="cuda").batches(torch.Generator().manual_seed(0)))
+    gpu = list(BatchPipeline(split, 8, 8, train=True, padding=1, device="cuda")
+               .batches(torch.Generator().manual_seed(0)))
     monkeypatch.setattr(torch.Tensor, "to", original)
     cpu = list(BatchPipeline(split, 8, 8, train=True, padding=1).batches(torch.Generator().manual_seed(0)))
     assert staged and all(pinned and non_blocking for pinned, non_blocking in staged)

@@ -82,7 +82,8 @@ def test_best_epoch_of_a_made_up_history():
                {"epoch": 4, "test/acc": 0.4, "test/acc/a": 0.2, "test/acc/b": 0.6}]
     # Every head at the primary head's best epoch (3); each head's own best apart (a's tie: the earliest epoch).
     assert best_epochs(history) == {"test/acc_best": 0.5, "best_epoch": 3,
-                                    "test/acc_best/a": 0.3, "best_epoch/a": 3, "test/acc_best/b": 0.4, "best_epoch/b": 3,
+                                    "test/acc_best/a": 0.3, "best_epoch/a": 3,
+                                    "test/acc_best/b": 0.4, "best_epoch/b": 3,
                                     "test/acc_best_own/a": 0.3, "best_epoch_own/a": 1,
                                     "test/acc_best_own/b": 0.6, "best_epoch_own/b": 4}
     assert best_epochs([]) == {}

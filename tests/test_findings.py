@@ -1,5 +1,5 @@
-"""A study's `findings:` (harness.report.findings): the paper's claims evaluated on constructed results whose answers are
-known: direction, significance with the spread between seeds, groups of cells, "no advantage", one seed, Holm."""
+"""A study's `findings:` (harness.report.findings): the paper's claims evaluated on constructed results whose answers
+are known: direction, significance with the spread between seeds, groups of cells, "no advantage", one seed, Holm."""
 
 import numpy as np
 import pandas as pd
@@ -135,7 +135,8 @@ def test_a_finding_that_names_what_the_grid_lacks_is_a_study_error(tmp_path):
         path.write_text(base + f"findings:\n  - {{claim: x, better: {side}, worse: {{method.stages: 1}}}}\n")
         with pytest.raises(StudyError, match=message):
             load_study(path)
-    path.write_text(base + "findings:\n  - {claim: x, grid: nope, better: {method.stages: 2}, worse: {method.stages: 1}}\n")
+    path.write_text(base + "findings:\n  - {claim: x, grid: nope, better: {method.stages: 2}, "
+                           "worse: {method.stages: 1}}\n")
     with pytest.raises(StudyError, match="no grid 'nope'"):
         load_study(path)
 

@@ -19,7 +19,8 @@ def test_soft_mask_and_erased_image():
     assert t[0, 0, 0, 2] == 0.5 and t[0, 0, 0, 0] < 0.01 and t[0, 0, 0, 4] > 0.99
     images = torch.rand(1, 3, 1, 5)
     torch.testing.assert_close(erase(images, t), images * (1 - t))  # I - T(A) * I
-    assert erase(images, torch.ones_like(t)).abs().max() == 0 and torch.equal(erase(images, torch.zeros_like(t)), images)
+    assert (erase(images, torch.ones_like(t)).abs().max() == 0
+            and torch.equal(erase(images, torch.zeros_like(t)), images))
 
 
 def test_gradcam_of_a_known_linear_head():

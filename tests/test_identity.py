@@ -36,7 +36,8 @@ def test_no_default_changed_without_a_math_version_bump():
     changed = [f"{m}.{k}: {recorded[m][k]} -> {v}" for m, fields in now.items() for k, v in fields.items()
                if k in recorded.get(m, {}) and recorded[m][k] != v]
     assert not changed, ("defaults changed, so finished trials that relied on them would be reused with other "
-                         f"numbers: bump harness.MATH_VERSION, then run python -m tests.test_identity --update: {changed}")
+                         "numbers: bump harness.MATH_VERSION, then run python -m tests.test_identity --update: "
+                         f"{changed}")
     unrecorded = [f"{m}.{k}" for m, fields in now.items() for k in fields if k not in recorded.get(m, {})]
     assert not unrecorded, f"record the defaults of new fields: python -m tests.test_identity --update ({unrecorded})"
 

@@ -89,11 +89,13 @@ def test_stage_steps_feed_jigsaw_and_the_last_step_the_original(monkeypatch):
     model = make(3).train()
     seen = []
     monkeypatch.setattr(pmg, "jigsaw", lambda x, n, g=None, per_image=False: (seen.append(n), x)[1])
-    model.training_step(torch.rand(2, 3, 64, 64), torch.arange(2), OptimizerSteps(build_optimizer(model, TrainConfig())))
+    model.training_step(torch.rand(2, 3, 64, 64), torch.arange(2),
+                        OptimizerSteps(build_optimizer(model, TrainConfig())))
     assert seen == [8, 4, 2]
     seen.clear()
     model.params = model.params.model_copy(update={"jigsaw": False})
-    model.training_step(torch.rand(2, 3, 64, 64), torch.arange(2), OptimizerSteps(build_optimizer(model, TrainConfig())))
+    model.training_step(torch.rand(2, 3, 64, 64), torch.arange(2),
+                        OptimizerSteps(build_optimizer(model, TrainConfig())))
     assert seen == []
 
 

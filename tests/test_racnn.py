@@ -113,7 +113,8 @@ def test_apn_pretraining_first_trains_the_apns_alone():
     apn = [p.detach().clone() for p in model.apns.parameters()]
     first = model.training_step(x, y, steps)
     assert steps.count == 1 and set(first) == {"loss/apn_init", "loss"}
-    assert all(torch.equal(a, b) for a, b in zip(nets, (*model.nets()[0].parameters(), *model.classifiers.parameters())))
+    assert all(torch.equal(a, b)
+               for a, b in zip(nets, (*model.nets()[0].parameters(), *model.classifiers.parameters())))
     assert any(not torch.equal(a, b) for a, b in zip(apn, model.apns.parameters()))
     second = model.training_step(x, y, steps)  # pre-training over: classification step, then the ranking step
     assert steps.count == 3 and {"loss/cls", "loss/rank"} <= set(second)

@@ -103,7 +103,7 @@ def test_disabled_authentication_is_said_and_a_readable_token_file_is_made_priva
     assert "OFF" not in capsys.readouterr().err
 
 
-LISTENERS = """
+LISTENERS = ("""
 import json, os, sys
 sys.path.insert(0, {root!r})
 from harness import orchestrate
@@ -112,10 +112,11 @@ orchestrate.start_ray(None, num_cpus=1, dashboard=True)
 import ray
 ray.get(ray.remote(lambda: 1).remote())
 mine = {{p.pid for p in psutil.Process().children(recursive=True)}} | {{os.getpid()}}
-found = sorted({{c.laddr.ip for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in mine}})
+found = sorted({{c.laddr.ip for c in psutil.net_connections("inet") """
+             """if c.status == psutil.CONN_LISTEN and c.pid in mine}})
 orchestrate.shutdown()
 print(json.dumps({{"listen": found, "token_in_env": bool(os.environ.get("RAY_AUTH_TOKEN"))}}))
-"""
+""")
 
 
 @pytest.mark.slow

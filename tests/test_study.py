@@ -85,7 +85,8 @@ def test_unknown_dataset_gets_did_you_mean(tmp_path):
 
 def test_stages_beyond_backbone_is_an_error(tmp_path):
     # vgg-free check: resnet18 has 5 stages, so out_indices limiting it to 3 makes stages=4 invalid.
-    path = write(tmp_path, "name: s\nmethod: {name: pmg, stages: 4}\nbackbone: {name: resnet18, out_indices: [2, 3, 4]}\n")
+    path = write(tmp_path, "name: s\nmethod: {name: pmg, stages: 4}\n"
+                           "backbone: {name: resnet18, out_indices: [2, 3, 4]}\n")
     with pytest.raises(StudyError, match="backbone has 3 stages"):
         load_study(path)
 

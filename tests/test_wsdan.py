@@ -139,7 +139,8 @@ def test_one_step_per_batch_with_a_finite_loss(crop, drop, terms):
     assert steps.count == 1
     assert len([k for k in losses if k in ("loss/raw", "loss/crop", "loss/drop")]) == terms
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
-    expected = sum(losses[k] for k in ("loss/raw", "loss/crop", "loss/drop") if k in losses) / terms + losses["loss/center"]
+    expected = (sum(losses[k] for k in ("loss/raw", "loss/crop", "loss/drop") if k in losses) / terms
+                + losses["loss/center"])
     assert losses["loss"] == pytest.approx(expected, rel=1e-5)
 
 

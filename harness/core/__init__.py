@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # what the names are, for readers and IDEs; imported when fir
 
 _EXPORTS = {name: module for module, names in {
     'harness.core.atomic': ['atomic_write', 'atomic_write_bytes'],
-    'harness.core.escape': ['printable', 'scrub', 'redact_uri', 'markdown_cell', 'markdown_frame', 'latex', 'csv_frame'],
+    'harness.core.escape': ['printable', 'scrub', 'redact_uri', 'markdown_cell', 'markdown_frame', 'latex',
+                            'csv_frame'],
     'harness.core.paths': ['inside', 'UnsafePath', 'name_problem', 'identity_problem', 'own_path'],
     'harness.core.bounded': ['BoundedReadError', 'read_bytes', 'read_text', 'read_json'],
     'harness.core.registry': ['Registry', 'RegistryError', 'did_you_mean'],

@@ -25,7 +25,8 @@ from harness.data.imageset import ImageSet
 
 
 class CarsParams(RootedParams):
-    root: str = Field(..., description="the folder holding devkit/ + cars_train/ + cars_test/, or car_ims/ + cars_annos.mat")
+    root: str = Field(..., description="the folder holding devkit/ + cars_train/ + cars_test/, or car_ims/ + "
+                                       "cars_annos.mat")
 
 
 def _load(path: Path) -> dict:

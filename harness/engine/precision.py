@@ -6,8 +6,9 @@ device computes bf16 natively and fp32 everywhere else:
 - a CPU: bf16 where it has bf16 units (AVX512-BF16 or AMX-BF16 on x86, which torch's cpuinfo reports;
   on other architectures, where a short measured probe runs a bf16 training step faster than fp32).
   A process that torch or oneDNN keep from those units (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
-  e.g. to reproduce an AVX2 machine's run) counts as without them. Without them torch emulates bf16 and a ResNet step is ~20-30x slower than fp32 (an AVX2-only AMD
-  EPYC: 22.6 s vs 0.67 s), so a default that says bf16 would make a study run for hours.
+  e.g. to reproduce an AVX2 machine's run) counts as without them. Without them torch emulates bf16 and a ResNet
+  step is ~20-30x slower than fp32 (an AVX2-only AMD EPYC: 22.6 s vs 0.67 s), so a default that says bf16 would make
+  a study run for hours.
 
 An explicit `bf16` or `fp16` is honoured on any device; on a device that only emulates it the engine
 says so once. fp16 trains with a gradient scaler (OptimizerSteps), bf16 needs none.

@@ -198,7 +198,8 @@ def write_baseline(run_dir: Path, template: str, rules: Rules, no_throughput: bo
     from harness.engine.reference import MEASURE
 
     baseline = Baseline(
-        throughput_measure=MEASURE, study=study["name"], profile=study["profile"], written=time.strftime("%Y-%m-%d %H:%M"), git_commit=git_commit(),
+        throughput_measure=MEASURE, study=study["name"], profile=study["profile"],
+        written=time.strftime("%Y-%m-%d %H:%M"), git_commit=git_commit(),
         machine=f"{platform.machine()} {cpu}".strip(), cpu=cpu_here, precision=precision, seeds=seeds,
         config_hash=study_config_hash({n: c.config_hash for n, c in cells.items()}),
         cells={n: c.to_baseline_cell() for n, c in cells.items()})
@@ -269,7 +270,8 @@ def _gate(args, parser) -> int:
         for c in cells.values():
             print(f"  {c.name}: failed: " + ("; ".join(e[:300] for e in c.errors[:2]) or "no error recorded"))
         if args.junit:
-            rows = [{"cell": c.name, "verdict": "REGRESSED", "errors": [], "problems": [f"failed: {'; '.join(c.errors)}"]}
+            rows = [{"cell": c.name, "verdict": "REGRESSED", "errors": [],
+                     "problems": [f"failed: {'; '.join(c.errors)}"]}
                     for c in cells.values()]
             atomic_write_bytes(Path(args.junit), junit(rows, f"{study.get('name')}/{study.get('profile')}").encode())
         return EXIT_REGRESSED

@@ -100,7 +100,8 @@ class Rules:
             if not ok or not value < high:
                 low_text = f">= {low:g}" if closed else f"> {low:g}"
                 high_text = "" if math.isinf(high) else f" and < {high:g}"
-                raise GateInputError(f"--{name.replace('_', '-')} {value!r}: give a finite number {low_text}{high_text}")
+                raise GateInputError(f"--{name.replace('_', '-')} {value!r}: "
+                                     f"give a finite number {low_text}{high_text}")
 
 
 @dataclass

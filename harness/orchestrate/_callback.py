@@ -113,7 +113,8 @@ class StoreCallback(tune.Callback):
         self.started.pop(trial_id, None)
         if trial_id in self.timed_out or trial_id in self.summary.finished:
             return  # a process that died after its final report: the trial is finished
-        error = "trial process died: " + (str(trial.error_file) if getattr(trial, "error_file", None) else "no error file")
+        error = "trial process died: " + (str(trial.error_file) if getattr(trial, "error_file", None)
+                                          else "no error file")
         self._store(trial_id, FAILED, {}, error)
 
     def on_step_begin(self, iteration, trials, **info):

@@ -208,6 +208,7 @@ def prepare_datasets(todo, log) -> tuple[dict[str, int], list[int]]:
         raise ValueError("nothing would be trained: " + "; ".join(small[:5]) +
                          "; lower train.batch_size or use more training images")
     size = sum(o["bytes"] for o in outcomes.values()) / 2**20
-    log(f"{len(outcomes)} dataset(s) ready in the node cache ({size:.0f} MB decoded) in {time.perf_counter() - t0:.1f} s")
+    log(f"{len(outcomes)} dataset(s) ready in the node cache ({size:.0f} MB decoded) "
+        f"in {time.perf_counter() - t0:.1f} s")
     niceness = sorted({o["niceness"] for o in outcomes.values() if "niceness" in o})
     return {key: o["num_classes"] for key, o in outcomes.items()}, niceness

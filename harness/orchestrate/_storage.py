@@ -173,8 +173,8 @@ class StorageLease:
         return RunLocked(f"another driver uses the storage prefix {redact_uri(self.storage.uri(self.path))}: pid "
                          f"{held.get('pid')} on {held.get('host')} since {since} (run folder {held.get('run_dir')}), "
                          f"its lease refreshed {age:.0f} s ago. Two drivers on one prefix would delete each other's "
-                         f"checkpoints: wait for it to finish, or stop it; a lease not refreshed for {self.stale_s:g} s "
-                         "is taken over.")
+                         "checkpoints: wait for it to finish, or stop it; a lease not refreshed for "
+                         f"{self.stale_s:g} s is taken over.")
 
     def acquire(self) -> "StorageLease":
         held = self.read()

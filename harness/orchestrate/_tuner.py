@@ -30,7 +30,8 @@ def make_tuner(resources: Resources, storage_path: str, max_retries: int, callba
         tune_config=tune.TuneConfig(reuse_actors=True, trial_name_creator=_trial_id, trial_dirname_creator=_trial_id,
                                     **tune_config),
         run_config=tune.RunConfig(name=experiment_name(name_prefix),
-                                  storage_path=storage_path, failure_config=tune.FailureConfig(max_failures=max_retries),
+                                  storage_path=storage_path,
+                                  failure_config=tune.FailureConfig(max_failures=max_retries),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2), callbacks=[callback],
                                   verbose=0),
     )

@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # what the names are, for readers and IDEs; imported when fir
     from harness.plugin.weights import ensure_weights  # noqa: F401
 
 _EXPORTS = {name: module for module, names in {
-    'harness.plugin.method': ['Method', 'MethodParams', 'OptimizerSteps', 'METHODS', 'register_method', 'frozen_batchnorm', 'linear_cam', 'TrialDiverged'],
+    'harness.plugin.method': ['Method', 'MethodParams', 'OptimizerSteps', 'METHODS', 'register_method',
+                              'frozen_batchnorm', 'linear_cam', 'TrialDiverged'],
     'harness.plugin.backbones': ['StagedBackbone', 'BackboneConfig', 'build_backbone'],
     'harness.plugin.distributed': ['Collective', 'sync_batchnorm'],
     'harness.plugin.replica_batchnorm': ['per_replica_batchnorm'],

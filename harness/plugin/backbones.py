@@ -152,7 +152,8 @@ class StagedBackbone(nn.Module):
             return self.body[name], (to_nchw if self.channels_last_output else None)
         model = getattr(self.body, "model", None)  # timm's FeatureGetterNet: the model's own stages
         if model is not None and hasattr(model, "layers"):
-            last = stage == self.num_stages - 1 and not isinstance(getattr(model, "norm", None), (nn.Identity, type(None)))
+            last = stage == self.num_stages - 1 and not isinstance(getattr(model, "norm", None),
+                                                                   (nn.Identity, type(None)))
             nhwc = getattr(getattr(model, "output_fmt", None), "value", "NCHW") == "NHWC"
             return (model.norm if last else model.layers[stage]), (to_nchw if nhwc else None)
         raise ValueError(f"no module of {type(self.body).__name__} gives stage {stage}: Grad-CAM cannot hook it")

@@ -178,7 +178,8 @@ class GlooSyncBatchNorm(nn.SyncBatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.running_mean.mul_(1 - momentum).add_(momentum * global_mean.to(self.running_mean.dtype))
-                self.running_var.mul_(1 - momentum).add_(momentum * (var * count / (count - 1)).to(self.running_var.dtype))
+                self.running_var.mul_(1 - momentum).add_(
+                    momentum * (var * count / (count - 1)).to(self.running_var.dtype))
         out = (x - global_mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype).view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)

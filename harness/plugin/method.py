@@ -108,9 +108,9 @@ class Method(nn.Module):
       the method's own layers at 1x, the backbone at `params.backbone_lr_scale`. The engine builds SGD on
       them once, and scales each group's lr by the schedule every epoch.
     - `training_step(images, labels, steps, generator)`: called by the engine for every training batch,
-      in train mode, under autocast in the trial's precision (harness.engine.precision). `images` (B, 3, S, S) normalised floats on the
-      trial's device, `labels` (B,) int64; with several workers, B is this worker's share of the global
-      batch. Call `steps.step(loss)` once per optimizer step (it does zero_grad, backward, the average
+      in train mode, under autocast in the trial's precision (harness.engine.precision). `images` (B, 3, S, S)
+      normalised floats on the trial's device, `labels` (B,) int64; with several workers, B is this worker's share
+      of the global batch. Call `steps.step(loss)` once per optimizer step (it does zero_grad, backward, the average
       over workers, clipping and the step; PMG calls it S+1 times, MKSMT one to three); draw every
       random choice from `generator` (seeded per epoch: resumed and multi-worker trials stay exact).
       Return a dict of floats to log, with "loss". Method state updated with per-image sums outside the

@@ -190,7 +190,8 @@ def build_reports(run_dir: str | Path, out_dir: str | Path | None = None, skip_u
     out = Path(out_dir) if out_dir else inside("reports", study["name"], study["profile"])
     digest = inputs_digest(run_dir)
     marker = out / INPUTS_FILE
-    if skip_unchanged and marker.is_file() and all((out / f).is_file() for f in ("table.md", "index.html", "summary.json")):
+    if skip_unchanged and marker.is_file() and all((out / f).is_file()
+                                                   for f in ("table.md", "index.html", "summary.json")):
         try:
             if marker.read_text().strip() == digest:
                 return out
@@ -268,7 +269,8 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         runs.append((run_dir, study, results, commit))
     profiles = [study["profile"] for _, study, _, _ in runs]
     labels = [(p if profiles.count(p) == 1 else str(d)) + f" ({c})" for (d, _, _, c), p in zip(runs, profiles)]
-    md = "# " + printable(" vs ".join(labels)).replace("\n", " ") + f"\n\nTop-1 % for accuracies: {LEGEND} (within each run).\n"
+    md = ("# " + printable(" vs ".join(labels)).replace("\n", " ")
+          + f"\n\nTop-1 % for accuracies: {LEGEND} (within each run).\n")
     html = []
     for name, spec in table_specs(runs[0][1]).items():
         parts = []

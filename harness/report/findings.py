@@ -11,9 +11,9 @@
         better: {method.stages: 4, method.jigsaw: true}
         worse: {method.stages: 4, method.jigsaw: false}
 
-Each finding is evaluated on the run's finished trials with the statistics of the tables (harness.report.stats): the effect
-is the difference of the two sides' means (`better` - `worse`, in points of `metric`, default test/acc), paired by
-seed on the seeds both sides ran (a group's value on a seed is the mean of its cells), with its 95% interval from
+Each finding is evaluated on the run's finished trials with the statistics of the tables (harness.report.stats): the
+effect is the difference of the two sides' means (`better` - `worse`, in points of `metric`, default test/acc), paired
+by seed on the seeds both sides ran (a group's value on a seed is the mean of its cells), with its 95% interval from
 Student's t over those seeds (n - 1 degrees of freedom): the spread between training runs is in it. Two-sided
 p-values are adjusted by Holm over the study's findings. The verdict:
 - relation `better` (the default): **agrees** when the effect is positive and significant (adjusted p < 0.05),
@@ -153,7 +153,8 @@ def markdown(table: pd.DataFrame) -> str:
 
     if table.empty:
         return ""
-    lines = ["| finding | source | paper | run (95% CI) | seeds | p (Holm) | verdict |", "|:--|:--|--:|:--|--:|--:|:--|"]
+    lines = ["| finding | source | paper | run (95% CI) | seeds | p (Holm) | verdict |",
+             "|:--|:--|--:|:--|--:|--:|:--|"]
     for r in table.to_dict("records"):
         paper = "-" if r["paper_effect"] is None or pd.isna(r["paper_effect"]) else f"{r['paper_effect']:+.1f}"
         run = "-" if r["effect"] is None or pd.isna(r["effect"]) else f"{r['effect']:+.1f}"

@@ -158,7 +158,8 @@ def time_summary(results: pd.DataFrame) -> str:
 def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str) -> list[tuple[str, str]]:
     meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     first = results.iloc[0] if len(results) else pd.Series(dtype=object)
-    versions = ", ".join(f"{k.removeprefix('version/')} {first[k]}" for k in results.columns if k.startswith("version/"))
+    versions = ", ".join(f"{k.removeprefix('version/')} {first[k]}"
+                         for k in results.columns if k.startswith("version/"))
     cluster = meta.get("cluster") or {}
     rows = [("trials", f"{int((results['status'] == 'finished').sum())} finished, "
                        f"{int((results['status'] == FAILED).sum())} failed, of {len(results)}"),
@@ -179,7 +180,8 @@ def _metadata(run_dir: Path, results: pd.DataFrame, hours: pd.Series, kind: str)
              if "cpu_model" in results else "?"),
             ("devices of the trials", ", ".join(sorted({str(d) for d in results.get("device_name", pd.Series(dtype=str))
                                                        .dropna()})) or "?"),
-            ("driver", f"{meta.get('driver_host', '?')}, peak memory {meta.get('driver_peak_rss_mb', float('nan')):.0f} MB"),
+            ("driver", f"{meta.get('driver_host', '?')}, "
+                       f"peak memory {meta.get('driver_peak_rss_mb', float('nan')):.0f} MB"),
             ("storage", redact_uri(meta.get("storage") or "local")), ("address", str(meta.get("address", "?")))]
     return rows
 
@@ -241,14 +243,16 @@ def write_html(out: Path, run_dir: Path, study: dict, results: pd.DataFrame, tab
     plots = [{"name": p.relative_to(out).as_posix(), "data": base64.b64encode(p.read_bytes()).decode()}
              for p in sorted(out.rglob("*.png")) if p.relative_to(out).parts[0] != "search"]  # search's: its section
     failed = [{"label": ", ".join(f"{a.split('.')[-1]}={r[a]}" for a in axes if a in results) + f", seed {r['seed']}",
-               "error": r.get("error", ""), "traceback": r.get("traceback", "") if isinstance(r.get("traceback"), str) else ""}
+               "error": r.get("error", ""),
+               "traceback": r.get("traceback", "") if isinstance(r.get("traceback"), str) else ""}
               for _, r in results[results["status"] == FAILED].iterrows()]
 
     def html(table: pd.DataFrame) -> str:
         return table.to_html(escape=True, border=0, na_rep="-")
 
     meta = _metadata(run_dir, results, hours, kind)
-    if study.get("_outside_grid"):  # harness.report.build.load_run: stored finished trials the current grid does not hold
+    # harness.report.build.load_run: stored finished trials the current grid does not hold
+    if study.get("_outside_grid"):
         meta.insert(1, ("outside the grid", f"{study['_outside_grid']} more finished trials of this study and profile "
                                             "are kept in results.parquet (in_grid false), not in these tables"))
     env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=select_autoescape(["html"]))

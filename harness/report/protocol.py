@@ -48,8 +48,10 @@ def describe(study: dict) -> dict[str, str]:
         "backbone": f"{backbone['name']} ({weights}{stem})",
         "input": f"{stored} -> {train['image_size']}{pad}",
         "augmentation": ", ".join(augmentation),
-        "normalisation": {"half": "(x - 0.5) / 0.5", "imagenet": "ImageNet mean/std"}[train.get("normalize", "imagenet")],
-        "optimizer": f"SGD momentum {_g(train.get('momentum', 0.9))}, weight decay {_g(train.get('weight_decay', 5e-4))}"
+        "normalisation": {"half": "(x - 0.5) / 0.5",
+                          "imagenet": "ImageNet mean/std"}[train.get("normalize", "imagenet")],
+        "optimizer": f"SGD momentum {_g(train.get('momentum', 0.9))}, "
+                     f"weight decay {_g(train.get('weight_decay', 5e-4))}"
                      + (", nesterov" if train.get("nesterov") else ""),
         "lr": lrs,
         "schedule": schedule,

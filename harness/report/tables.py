@@ -265,5 +265,6 @@ def head_table(results: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     finished = results[results["status"] == FINISHED]
     if finished.empty or not heads:
         return pd.DataFrame()
-    table = finished.groupby(axes, dropna=False)[heads].mean() * 100 if axes else finished[heads].mean().to_frame().T * 100
+    table = (finished.groupby(axes, dropna=False)[heads].mean() * 100 if axes
+             else finished[heads].mean().to_frame().T * 100)
     return table.rename(columns=lambda c: c.removeprefix("test/acc/")).round(1)

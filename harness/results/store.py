@@ -220,7 +220,8 @@ class ResultStore:
                     rows.extend({"trial_id": trial_id, "seed": seed, **axes, "epoch": epoch,
                                  "metric": metric, "value": float(value)}
                                 for metric, value in epoch_metrics.items()
-                                if metric != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool))
+                                if metric != "epoch" and isinstance(value, (int, float))
+                                and not isinstance(value, bool))
             atomic_write_parquet(pd.DataFrame(rows), self.root / "curves.parquet")
         return results
 

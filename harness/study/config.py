@@ -141,10 +141,12 @@ class TrainConfig(Strict):
 
 
 class Resources(Strict):
-    workers: int = Field(1, ge=1, le=4096, description="processes training one trial together (data parallel); cpu and gpu "
-                                              "are per worker, train.batch_size is the global batch")
+    workers: int = Field(1, ge=1, le=4096,
+                         description="processes training one trial together (data parallel); cpu and gpu "
+                                     "are per worker, train.batch_size is the global batch")
     cpu: float = Field(1.0, gt=0.0, le=4096.0, description="CPUs per worker")
-    gpu: float = Field(0.0, ge=0.0, le=64.0, description="GPUs per worker; a fraction packs single-process trials on one GPU")
+    gpu: float = Field(0.0, ge=0.0, le=64.0,
+                       description="GPUs per worker; a fraction packs single-process trials on one GPU")
 
     @model_validator(mode="after")
     def _whole_gpus_for_several_workers(self) -> "Resources":
@@ -178,8 +180,9 @@ Metric = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.@/-]{1,200}$")]
 class TableSpec(Strict):
     rows: str = Field(..., description="a grid axis (dotted path) for the table's rows")
     columns: str | list[str] | None = Field(None, description="a grid axis, or several, for the columns")
-    metric: Metric | Annotated[list[Metric], Field(min_length=1)] = Field("test/acc", description="a metric column of results.parquet; a list "
-                                                            "puts one column per metric (e.g. every head)")
+    metric: Metric | Annotated[list[Metric], Field(min_length=1)] = Field(
+        "test/acc", description="a metric column of results.parquet; a list "
+                                "puts one column per metric (e.g. every head)")
     grid: str | None = Field(None, description="with `grids:`, the named grid whose trials the table shows")
     reference: Reference | None = Field(None, description="paper numbers to print beside ours")
     model_comparison: bool = Field(False, description=(

@@ -22,7 +22,8 @@ from harness.study.config import MAX_TRIALS
 
 
 def _check_names(merged: dict, where: Where) -> None:
-    """Study and table names (profile names are checked first) become folders and files: harness.core.paths' safe-name rule, with the line."""
+    """Study and table names (profile names are checked first) become folders and files: harness.core.paths'
+    safe-name rule, with the line."""
     if isinstance(merged.get("tables"), dict):
         for table in merged["tables"]:
             problem = name_problem(table)

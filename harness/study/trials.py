@@ -227,7 +227,8 @@ def _check_axis(axis: str, values: Any, models: dict[str, type[BaseModel]], wher
                              f"(and an optional label), e.g. [{{name: pmg, stages: 3}}, {{name: baseline}}]")
         labels = [section_label(v) for v in values]
         if len(set(labels)) != len(labels):
-            raise StudyError(f"{at}grid axis '{axis}': two values share the label {labels}; add label: to tell them apart")
+            raise StudyError(f"{at}grid axis '{axis}': two values share the label {labels}; "
+                             "add label: to tell them apart")
         return
     if section not in SECTIONS_IN_GRID or not key:
         raise StudyError(f"{at}grid axis '{axis}': must be a dotted path into one of {', '.join(SECTIONS_IN_GRID)}, "
@@ -332,7 +333,8 @@ def resolve(study: Study, where: Where, max_trials: int = MAX_TRIALS, on_count=N
     _validate_sections(base, where, "")
     models = _section_models(base)
     if study.grid and study.grids:
-        raise StudyError(f"{where.at(('grids',))}give either grid: (one grid) or grids: (several named grids), not both")
+        raise StudyError(f"{where.at(('grids',))}give either grid: (one grid) or grids: (several named grids), "
+                         "not both")
     named = dict(study.grids) or {"": study.grid}
     for name, grid in named.items():
         for axis, values in grid.items():

@@ -42,7 +42,8 @@ def run(trials: int, every: bool, root: Path) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_bookkeeping", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.benchmarks.bench_bookkeeping",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=10_000)
     p.add_argument("--every", action="store_true", help="rewrite results.parquet after every trial (the old way)")
     args = p.parse_args(argv)

@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def config(epochs: int) -> dict:
     return {"method": METHOD, "dataset": DATA.model_dump(), "backbone": {"name": "resnet18"},
-            "train": {"epochs": epochs, "batch_size": 32, "image_size": 64, "resize": 72, "lr": 0.1, "precision": "bf16"},
+            "train": {"epochs": epochs, "batch_size": 32, "image_size": 64, "resize": 72, "lr": 0.1,
+                      "precision": "bf16"},
             "seed": 0}
 
 

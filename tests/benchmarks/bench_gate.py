@@ -164,9 +164,11 @@ def simulate_measured(base: Baseline, condition: dict, worlds: int, rules: Rules
             loss = rng.normal(c.train_loss, loss_spread[name], run_seeds)
             log_thr = rng.normal(math.log(c.throughput_rel) + condition["offset"].get(name, 0.0), condition["sd"],
                                  run_seeds) if c.throughput_rel else np.full(run_seeds, np.nan)
-            cells[name] = CellRun(name=name, seeds=run_seeds, config_hash=c.config_hash, seed_list=list(range(run_seeds)),
+            cells[name] = CellRun(name=name, seeds=run_seeds, config_hash=c.config_hash,
+                                  seed_list=list(range(run_seeds)),
                                   accuracies=(np.round(acc * c.test_images) / c.test_images).tolist(),
-                                  losses=loss.tolist(), throughputs=(np.exp(log_thr) / slowdown.get(name, 1.0)).tolist(),
+                                  losses=loss.tolist(),
+                                  throughputs=(np.exp(log_thr) / slowdown.get(name, 1.0)).tolist(),
                                   chance=c.chance, test_images=[c.test_images], test_set_hashes=[c.test_set_hash])
         return cells
 
@@ -249,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         for condition, noise in measured_noise(base, noise_file).items():
             offsets = sorted(noise["offset"].values())
             print(f" {condition} ({noise['runs']} measured runs, hogs {noise['hogs']}, on {', '.join(noise['cpus'])}; "
-                  f"their gate exits {noise['gate_exits']}): throughput log offset {offsets[0]:+.3f}..{offsets[-1]:+.3f}"
+                  f"their gate exits {noise['gate_exits']}): throughput log offset "
+                  f"{offsets[0]:+.3f}..{offsets[-1]:+.3f}"
                   f" per cell, run-to-run log sd {noise['sd']:.3f}")
             ok = _print(simulate_measured(base, noise, args.worlds, rules, args.run_seeds, args.seed), ok,
                         loaded=condition == "loaded")

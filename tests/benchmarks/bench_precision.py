@@ -42,7 +42,8 @@ def _batches(cfg: TrialConfig, imageset, train: bool, count: int):
     split = imageset.train if train else imageset.test
     size = t.batch_size if train else (t.eval_batch_size or 2 * t.batch_size)
     pipe = BatchPipeline(split, t.image_size, size, train=train, padding=t.crop_padding, hflip=t.hflip,
-                         colour_jitter=t.colour_jitter if train else None, random_scale=t.random_scale if train else None,
+                         colour_jitter=t.colour_jitter if train else None,
+                         random_scale=t.random_scale if train else None,
                          mean=mean, std=std, channels_last=t.channels_last)
     return [b for _, b in zip(range(count), pipe.batches(torch.Generator().manual_seed(0)))], len(pipe)
 

@@ -9,7 +9,8 @@ Each run is `make smoke`'s: `python -m harness.run studies/ci_smoke.yaml` in a f
 `python -m harness.gate` against `baselines/ci_smoke.{precision}.json`; with `--condition loaded`, `--hogs` CPU-bound
 processes (`while True: pass`, at this process's priority) run beside it from start to end. `--slowdown F` makes every
 training step F times slower (tests/benchmarks/_slowdown/sitecustomize.py on the run's PYTHONPATH sleeps (F - 1) x
-each training batch's time in every process; the harness's code is untouched) to check that the gate catches it. The runs are appended to
+each training batch's time in every process; the harness's code is untouched) to check that the gate catches it.
+The runs are appended to
 `baselines/ci_smoke.<precision>.noise.json` (not with --slowdown): per run its condition, machine, load, wall time, the
 gate's exit code, and per cell the accuracy, the training loss and the relative throughput.
 `python -m tests.benchmarks.bench_gate` simulates the gate from these measurements.
