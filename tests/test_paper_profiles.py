@@ -44,6 +44,29 @@ def test_paper_profiles_name_their_weights(path):
             assert "." in backbone["name"], f"{path.name}: untagged pretrained weights {backbone['name']}"
 
 
+PAPER_STUDIES = ("pmg", "wsdan", "mksmt", "aam", "racnn", "gain")
+
+
+@pytest.mark.parametrize("name", PAPER_STUDIES)
+def test_the_default_profiles_follow_their_papers_protocol(name):
+    """Issue 28: each paper study's default runs two seeds or more (one marks nothing worse) and fine-tunes from
+    synthfg-in at the paper profile's learning rates, AAM from scratch as its article trains."""
+    default = load_study(ROOT / f"studies/{name}_ablation.yaml")
+    assert len(default.study.seeds) >= 2
+    config, reference = default.trials[0].config, paper(ROOT / f"studies/{name}_ablation.yaml").trials[0].config
+    pretrained = config["backbone"]["pretrained"]
+    if name == "aam":
+        assert pretrained is False and reference["backbone"]["pretrained"] is False
+        assert config["train"]["momentum"] == reference["train"]["momentum"] and config["train"]["schedule"] == "poly"
+        return
+    assert isinstance(pretrained, str) and pretrained.startswith("synthfg-in@")
+    scale = config["train"]["batch_size"] / reference["train"]["batch_size"]
+    assert config["train"]["lr"] == pytest.approx(reference["train"]["lr"] * scale)
+    assert config["method"]["backbone_lr_scale"] == reference["method"]["backbone_lr_scale"]
+    for knob in ("schedule", "normalize", "momentum", "weight_decay", "precision"):
+        assert config["train"][knob] == reference["train"][knob], (name, knob)
+
+
 def test_the_papers_weights_and_pipelines():
     pmg = paper(ROOT / "studies/pmg_ablation.yaml").trials[0].config
     assert pmg["backbone"]["name"] == "resnet50.tv_in1k" and pmg["backbone"]["stem_pooled"]

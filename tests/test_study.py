@@ -167,7 +167,7 @@ def test_cli_dry_run_and_invalid_exit_codes(tiny_study, tmp_path, capsys):
 
 def test_shipped_studies_validate():
     study = load_study("studies/pmg_ablation.yaml")
-    assert len(study.trials) == 10
+    assert len(study.trials) == 20  # 5 x 2 cells x 2 seeds
     assert {t.axes["method.stages"] for t in study.trials} == {1, 2, 3, 4, 5}
 
 
