@@ -207,7 +207,7 @@ def test_named_grids_pool_trials_and_share_the_base(tmp_path):
 
 def test_mksmt_study_and_its_paper_references(monkeypatch):
     study = load_study("studies/mksmt_ablation.yaml")
-    assert len(study.trials) == 12
+    assert len(study.trials) == 12 * len(study.study.seeds)  # the grids' 12 distinct cells, each at every seed
     monkeypatch.setenv("CUB200_ROOT", "/data/CUB_200_2011")
     paper = load_study("studies/mksmt_ablation.yaml", profile="paper")
     assert paper.study.tables["distillation"].reference.file == "mksmt.csv"
